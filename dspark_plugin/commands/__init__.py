@@ -1,0 +1,1 @@
+"""Subcommands of the `dspark` console script (see dspark_plugin/cli.py)."""
