@@ -1,0 +1,1 @@
+"""vLLM adapter: registration, V1 DSpark proposer, version policy."""
