@@ -1,0 +1,48 @@
+"""`dspark profile`: measure the target's engine steps/second versus verified-token batch size."""
+from __future__ import annotations
+
+import argparse
+
+NAME = "profile"
+HELP = "Measure the SPS curve (steps/s vs verified tokens B) of a target for the confidence scheduler"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", required=True, help="Hugging Face causal LM directory")
+    parser.add_argument("--out", default=None,
+                        help="SPS JSON file to write (default: $DSPARK_CACHE_DIR/sps.json or ~/.cache/dspark/sps.json); "
+                             "an existing entry for the same target/device/dtype is reused")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated B values (default: 1..256 in ~14 steps)")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per B (the fastest is kept)")
+    parser.add_argument("--context-len", type=int, default=64, help="cached context tokens under each step")
+    parser.add_argument("--force", action="store_true", help="measure again even if the file has this entry")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from dspark_plugin.errors import DSparkError
+    from dspark_plugin.sps import DEFAULT_BATCH_SIZES, default_cache_path, profile_hf_target
+
+    sizes = DEFAULT_BATCH_SIZES
+    if args.batch_sizes:
+        try:
+            sizes = tuple(int(x) for x in args.batch_sizes.split(",") if x.strip())
+        except ValueError:
+            raise DSparkError(f"--batch-sizes: expected comma-separated integers, got {args.batch_sizes!r}") from None
+        if not sizes or min(sizes) < 1:
+            raise DSparkError(f"--batch-sizes: need positive integers, got {args.batch_sizes!r}")
+    out = Path(args.out) if args.out else default_cache_path()
+    dtype = getattr(torch, args.dtype)
+    curve, cached = profile_hf_target(args.target, out, batch_sizes=sizes, dtype=dtype, device=args.device,
+                                      repeats=args.repeats, context_len=args.context_len, force=args.force)
+    print(f"{'cached' if cached else 'measured'} SPS curve in {out}")
+    print("     B   steps/s (smoothed)   steps/s (raw)")
+    raw = curve.raw_sps or curve.sps
+    for b, s, r in zip(curve.batch_sizes, curve.sps, raw):
+        print(f"{b:6d}   {s:18.2f}   {r:13.2f}")
+    return 0
