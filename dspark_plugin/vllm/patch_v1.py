@@ -11,8 +11,9 @@ Two wrappers change exactly that, and only for `Qwen3DSparkModel` drafters:
    runner is told to collect the tapped hidden states (as it does for dflash).
 
 Both targets are private; `apply` checks their source still has the shape this patch was written
-against and otherwise leaves vLLM alone with one warning. `patches/vllm-v1-dspark.diff` is the
-same change as an upstreamable diff.
+against and otherwise leaves vLLM alone with one warning. `patches/*-v1-proposer-registry.diff`
+is the upstreamable form of the same change (a V1 proposer registry); when a vLLM carries it,
+`apply` registers there instead of patching anything.
 """
 from __future__ import annotations
 
@@ -60,12 +61,37 @@ def _source_has(obj: Any, needle: str) -> bool:
         return False
 
 
+def _register_upstream() -> bool:
+    """With patches/*.diff applied (an upstream proposer registry), no monkey-patching is needed."""
+    try:
+        from vllm.v1.spec_decode.registry import V1ProposerEntry, register_v1_proposer
+    except ImportError:
+        return False
+
+    def factory(vllm_config: Any, device: Any, runner: Any) -> Any:
+        from dspark_plugin.vllm.proposer import DSparkProposer
+
+        return DSparkProposer(vllm_config, device, runner)
+
+    def accepts(speculative_config: Any) -> bool:
+        if not serves(speculative_config):
+            return False
+        _validate(speculative_config)
+        return True
+
+    register_v1_proposer("dspark", V1ProposerEntry(factory=factory, uses_aux_hidden_states=True, accepts=accepts))
+    return True
+
+
 def apply(build: VllmBuild) -> bool:
     """Install both wrappers once per process; False (with a warning) if vLLM looks different."""
     if _applied.get("done"):
         return True
-    if not build.supported:
+    if not build.supported:  # the proposer subclasses DFlashProposer internals of these versions
         return False
+    if _register_upstream():
+        _applied["done"] = True
+        return True
     from vllm.config import VllmConfig
     from vllm.v1.worker import gpu_model_runner as gmr
 

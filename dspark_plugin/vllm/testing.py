@@ -1,0 +1,72 @@
+"""Helpers shared by tests/test_vllm*.py and the serving benchmark (no pytest import here)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+SMOLLM2_DIR = REPO / "work_cache" / "smollm2-135m"
+
+
+def smollm2_target(out: str | Path | None = None) -> Path:
+    """The SmolLM2-135M HF directory; prepared with `dspark prepare-target` when missing."""
+    path = Path(out) if out is not None else SMOLLM2_DIR
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        subprocess.run([sys.executable, "-m", "dspark_plugin.cli", "prepare-target", "smollm2-135m",
+                        "--out", str(path)], check=True)
+    return path
+
+
+def smollm2_drafter_config(markov_head_type: str = "vanilla", num_layers: int = 1, markov_rank: int = 32,
+                           mask_token_id: int = 0):
+    """A drafter geometry that fits SmolLM2-135M (576 hidden, 30 layers, 49152 vocab)."""
+    from dspark_plugin.config import DSparkConfig
+    from dspark_plugin.taps import tap_layer_ids
+
+    return DSparkConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=num_layers, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, vocab_size=49152, block_size=7, mask_token_id=mask_token_id,
+        target_layer_ids=tap_layer_ids(30, 3), num_target_layers=30, markov_rank=markov_rank,
+        markov_head_type=markov_head_type, enable_confidence_head=True, confidence_head_with_markov=True,
+        rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
+    )
+
+
+def random_drafter(out: str | Path, cfg=None, seed: int = 0, std: float = 0.02) -> Path:
+    """An untrained drafter written by the core's save_drafter (drafts are junk; outputs must not be)."""
+    from dspark_plugin.checkpoint import save_drafter
+    from dspark_plugin.drafter import DSparkDrafter
+
+    torch.manual_seed(seed)
+    drafter = DSparkDrafter(cfg or smollm2_drafter_config())
+    with torch.no_grad():
+        for name, p in drafter.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+    return save_drafter(drafter, out)
+
+
+def shipped_drafter(name_contains: str = "smollm2") -> Path | None:
+    """A drafter shipped in drafters/ (trained by the trainer issue), if one exists."""
+    root = REPO / "drafters"
+    if not root.is_dir():
+        return None
+    for cand in sorted(root.iterdir()):
+        if cand.is_dir() and name_contains in cand.name and (cand / "config.json").is_file():
+            return cand
+    return None
+
+
+def vllm_env(**overrides: str) -> dict[str, str]:
+    """Environment for a subprocess that imports vLLM the way the launcher would."""
+    from dspark_plugin.vllm.launcher import cpu_environment
+
+    env = cpu_environment(dict(os.environ))
+    env.update(overrides)
+    return env

