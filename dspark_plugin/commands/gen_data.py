@@ -18,10 +18,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-prompt-tokens", type=int, default=1024, help="skip longer prompts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: all cores; 1 is faster on a crowded machine)")
 
 
 def run(args: argparse.Namespace) -> int:
     from dspark_plugin.gen_data import generate_dataset
+
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
 
     n = generate_dataset(
         args.target, args.prompts, args.out, limit=args.limit, max_new_tokens=args.max_new_tokens,

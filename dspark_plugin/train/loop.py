@@ -1,0 +1,246 @@
+"""The training loop: target features -> anchor blocks -> loss -> AdamW, resumable.
+
+Everything random is derived from (seed, step) or (seed, epoch), so a run resumed from a
+checkpoint draws the same batches and anchors as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from dspark_plugin.config import DSparkConfig
+from dspark_plugin.drafter import DSparkDrafter
+from dspark_plugin.errors import DSparkError
+from dspark_plugin.taps import tap_layer_ids
+from dspark_plugin.train.blocks import build_batch
+from dspark_plugin.train.cache import extend_cache, open_or_create, target_features
+from dspark_plugin.train.data import read_sequences
+from dspark_plugin.train.loss import drafter_loss
+from dspark_plugin.train.state import load_state, save_state
+
+HEADS = ("vanilla", "gated", "rnn", "none")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOG_NAME = "train_log.jsonl"
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    target: str
+    data: str
+    out: str
+    head: str = "vanilla"
+    layers: int = 1
+    num_taps: int = 5
+    block_size: int = 7
+    markov_rank: int = 64
+    confidence: bool = True
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 6e-4
+    warmup: float = 0.04
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    anchors_per_seq: int = 16
+    max_len: int = 1024
+    seed: int = 0
+    resume: bool = False
+    cache: str | None = None          # activation cache dir; None = <out>/act_cache
+    no_cache: bool = False            # target forward inside the loop instead (large targets)
+    cache_only: bool = False
+    save_every: int = 100
+    stop_after: int | None = None     # pause (checkpoint and exit) after this step; --resume continues
+    save_dtype: str = "bfloat16"
+    mask_token_id: int | None = None
+    threads: int | None = None
+    progress: bool = True
+
+
+def lr_at(step: int, total: int, base: float, warmup_frac: float) -> float:
+    """Linear warm-up over the first `warmup_frac` of steps, then cosine decay to zero."""
+    warm = max(1, int(round(warmup_frac * total)))
+    if step < warm:
+        return base * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def drafter_config(target_config, opts: TrainOptions, mask_token_id: int) -> DSparkConfig:
+    """The target's decoder geometry + the DSpark fields (DSPARK.md §3)."""
+    tc = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    L = int(tc.num_hidden_layers)
+    dflash = opts.head == "none"
+    rope = getattr(tc, "rope_parameters", None) or {}
+    raw = dict(
+        model_type="qwen3",  # draft layers are Qwen3-shaped whatever the target family
+        hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size, num_hidden_layers=opts.layers,
+        num_attention_heads=tc.num_attention_heads,
+        num_key_value_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,
+        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
+        rms_norm_eps=float(getattr(tc, "rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0))),
+        vocab_size=tc.vocab_size, max_position_embeddings=tc.max_position_embeddings, hidden_act="silu",
+        bos_token_id=getattr(tc, "bos_token_id", None), eos_token_id=getattr(tc, "eos_token_id", None),
+        block_size=opts.block_size, mask_token_id=mask_token_id,
+        target_layer_ids=tap_layer_ids(L, opts.num_taps), num_target_layers=L,
+        markov_rank=0 if dflash else opts.markov_rank,
+        markov_head_type="vanilla" if dflash else opts.head,
+        enable_confidence_head=(not dflash) and opts.confidence,
+        confidence_head_with_markov=(not dflash) and opts.markov_rank > 0,
+    )
+    return DSparkConfig.from_dict({k: v for k, v in raw.items() if v is not None}, source=f"{opts.target} (derived)")
+
+
+def init_drafter(cfg: DSparkConfig, seed: int) -> DSparkDrafter:
+    torch.manual_seed(seed)
+    drafter = DSparkDrafter(cfg)
+    with torch.no_grad():
+        for name, p in drafter.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            if "markov_w2" in name:
+                p.zero_()  # the Markov bias starts at 0: training starts from the plain backbone
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02)
+    return drafter
+
+
+def _default_mask_token(target_dir: str, vocab_size: int) -> int:
+    """A token that never occurs as text: the tokenizer's unk/endoftext if distinct from EOS/pad."""
+    try:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(target_dir)
+        cand = tok.unk_token_id
+        if cand is not None and cand not in (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id):
+            return int(cand)
+    except Exception:  # a target dir without tokenizer is still a valid target
+        pass
+    return vocab_size - 1
+
+
+def _acc_text(correct: torch.Tensor, count: torch.Tensor) -> str:
+    acc = correct / count.clamp_min(1)
+    return "/".join(f"{int(round(100 * float(x)))}" for x in acc)
+
+
+def train(opts: TrainOptions) -> Path:
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    if opts.head not in HEADS:
+        raise DSparkError(f"--head must be one of {', '.join(HEADS)}, got {opts.head!r}")
+    if opts.save_dtype not in DTYPES:
+        raise DSparkError(f"--save-dtype must be one of {', '.join(DTYPES)}, got {opts.save_dtype!r}")
+    if opts.head != "none" and opts.markov_rank < 1:
+        raise DSparkError(f"--head {opts.head} needs --markov-rank >= 1 (use --head none for a DFlash-style drafter)")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    out = Path(opts.out)
+    target_dir = str(opts.target)
+    if not (Path(target_dir) / "config.json").is_file():
+        raise DSparkError(f"{target_dir}: not a Hugging Face model directory (config.json missing); "
+                          f"see `dspark prepare-target`")
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    target.requires_grad_(False)
+    tc = target.config.get_text_config()
+    mask_id = opts.mask_token_id if opts.mask_token_id is not None else _default_mask_token(target_dir, tc.vocab_size)
+    cfg = drafter_config(target.config, opts, mask_id)
+
+    seqs = read_sequences(opts.data, max_len=opts.max_len)
+    if not seqs:
+        raise DSparkError(f"{opts.data}: no usable sequences (each needs a prompt and >= 2 response tokens)")
+    cache = None
+    if not opts.no_cache:
+        cache = open_or_create(opts.cache or out / "act_cache", cfg.target_layer_ids, tc.hidden_size, target_dir)
+        extend_cache(cache, target, seqs, progress=opts.progress)
+        if opts.cache_only:
+            return Path(cache.path)
+
+    drafter = init_drafter(cfg, opts.seed)
+    drafter.attach_target(target.get_input_embeddings(), target.get_output_embeddings())
+    drafter.train()
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+
+    per_epoch = math.ceil(len(seqs) / opts.batch_size)
+    if opts.steps is not None:
+        total = opts.steps
+    elif opts.epochs is not None:
+        total = max(1, int(round(opts.epochs * per_epoch)))
+    else:
+        total = per_epoch
+    start, meta = 0, None
+    if opts.resume:
+        meta = load_state(out, drafter, optimizer)
+        if meta is not None:
+            start = int(meta["step"])
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / LOG_NAME
+    if log_path.exists():  # keep the curve clean: drop steps the resumed run will redo
+        kept = [l for l in log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] < start]
+        log_path.write_text("".join(l + "\n" for l in kept))
+    (out / "training_args.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
+
+    perms: dict[int, torch.Tensor] = {}
+    correct = torch.zeros(cfg.block_size)
+    count = torch.zeros(cfg.block_size)
+    t0 = time.time()
+    wall = float(meta.get("wall_seconds", 0.0)) if meta else 0.0
+    bar = tqdm(total=total, initial=start, desc=f"train {opts.head}", unit="step", disable=not opts.progress)
+    with log_path.open("a") as log:
+        for step in range(start, total):
+            epoch, idx = divmod(step, per_epoch)
+            if epoch not in perms:
+                perms = {epoch: torch.randperm(len(seqs), generator=torch.Generator().manual_seed(opts.seed * 7919 + epoch))}
+            batch_seqs = [seqs[int(i)] for i in perms[epoch][idx * opts.batch_size : (idx + 1) * opts.batch_size]]
+            if cache is not None:
+                feats = [cache.features(s.line, cfg.target_layer_ids) for s in batch_seqs]
+            else:
+                feats = target_features(target, batch_seqs, cfg.target_layer_ids)
+            gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + step)
+            batch = build_batch(batch_seqs, feats, opts.anchors_per_seq, cfg.block_size, cfg.mask_token_id, gen)
+            lr = lr_at(step, total, opts.lr, opts.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            res = drafter_loss(drafter, batch)
+            optimizer.zero_grad(set_to_none=True)
+            res.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+
+            correct += res.correct
+            count += res.count
+            rec = {"step": step, "loss": float(res.loss.detach()), "ce": res.ce, "l1": res.l1, "bce": res.bce,
+                   "lr": lr, "grad_norm": float(grad_norm),
+                   "acc": [round(float(x), 4) for x in (res.correct / res.count.clamp_min(1))],
+                   "tokens": int(res.count.sum())}
+            log.write(json.dumps(rec) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=_acc_text(correct, count))
+            if (step + 1) % 20 == 0:
+                correct.zero_()
+                count.zero_()
+            done = step + 1
+            pause = opts.stop_after is not None and done >= opts.stop_after
+            if done % opts.save_every == 0 or done == total or pause:
+                log.flush()
+                _save(drafter, out, optimizer, done, total, opts, wall + time.time() - t0)
+            if pause:
+                break
+    bar.close()
+    return out
+
+
+def _save(drafter: DSparkDrafter, out: Path, optimizer, step: int, total: int, opts: TrainOptions,
+          wall: float) -> None:
+    from dspark_plugin.checkpoint import save_drafter
+
+    save_drafter(drafter, out, dtype=DTYPES[opts.save_dtype])
+    save_state(out, drafter, optimizer, step, {"total_steps": total, "wall_seconds": round(wall, 1)})
