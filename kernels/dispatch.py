@@ -1,0 +1,140 @@
+"""One entry point per drafting / verification operation: Triton on CUDA, the PyTorch twin elsewhere.
+
+The Triton kernel runs when Triton imports, a GPU driver is active and the tensors live on CUDA.
+CPU tensors (and machines without Triton) get the twin, which computes the same function with
+ordinary torch ops. DSPARK_FORCE_TRITON=1 (with TRITON_INTERPRET=1 on CPU) forces the kernels,
+DSPARK_DISABLE_TRITON=1 forces the twins. OPS maps each operation to (triton_fn, twin_fn).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import torch
+
+from dspark_plugin.kernels import accept, block_loop, markov_step as step_mod, survival
+from dspark_plugin.kernels._triton import HAVE_TRITON, interpreting, triton
+from dspark_plugin.kernels.weights import HeadWeights
+
+OPS: dict[str, tuple[Callable | None, Callable]] = {
+    "markov_step": (getattr(step_mod, "markov_step_triton", None), step_mod.markov_step_torch),
+    "draft_block": (getattr(block_loop, "draft_block_triton", None), block_loop.draft_block_torch),
+    "prefix_survival": (getattr(survival, "prefix_survival_triton", None), survival.prefix_survival_torch),
+    "admit_topk": (getattr(survival, "admit_topk_triton", None), survival.admit_topk_torch),
+    "accept_greedy": (getattr(accept, "accept_greedy_triton", None), accept.accept_greedy_torch),
+    "accept_rejection": (getattr(accept, "accept_rejection_triton", None), accept.accept_rejection_torch),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_driver_active() -> bool:
+    if not HAVE_TRITON or not torch.cuda.is_available():
+        return False
+    try:
+        triton.runtime.driver.active.get_current_device()
+        return True
+    except Exception:
+        return False
+
+
+def backend(*tensors: torch.Tensor) -> str:
+    """'triton' or 'torch': which implementation an operation on these tensors runs."""
+    if not HAVE_TRITON or os.environ.get("DSPARK_DISABLE_TRITON", "0") == "1":
+        return "torch"
+    if os.environ.get("DSPARK_FORCE_TRITON", "0") == "1":
+        if not interpreting() and not all(t.is_cuda for t in tensors):
+            raise RuntimeError("DSPARK_FORCE_TRITON=1 on CPU tensors needs TRITON_INTERPRET=1")
+        return "triton"
+    return "triton" if all(t.is_cuda for t in tensors) and _gpu_driver_active() else "torch"
+
+
+def _pick(op: str, *tensors: torch.Tensor) -> Callable:
+    fast, twin = OPS[op]
+    return fast if fast is not None and backend(*tensors) == "triton" else twin
+
+
+def per_row(x: float | torch.Tensor, b: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A scalar or [B] temperature / seed as a [B] tensor on `device`."""
+    t = torch.as_tensor(x, device=device, dtype=dtype)
+    return t.expand(b).contiguous() if t.dim() == 0 else t.reshape(b)
+
+
+def markov_step(
+    w: HeadWeights,
+    base_logits: torch.Tensor,
+    prev: torch.Tensor,
+    h: torch.Tensor,
+    state: torch.Tensor | None,
+    temperature: float | torch.Tensor,
+    seeds: int | torch.Tensor,
+    step: int,
+    top_k: int = 0,
+    want_probs: bool = False,
+    sample: bool | None = None,
+) -> step_mod.StepResult:
+    """One sequential-head step for a batch: base_logits [B, V] (U_k), prev [B] (x_{k-1}), h [B, d].
+
+    `sample` (whether any row has temperature > 0), when the caller knows it, saves the kernel
+    path a device-to-host sync per step.
+    """
+    b, v = base_logits.shape
+    temperature = per_row(temperature, b, base_logits.device, torch.float32)
+    seeds = per_row(seeds, b, base_logits.device, torch.int64)
+    fn = _pick("markov_step", base_logits)
+    if fn is step_mod.markov_step_torch or (0 < top_k < v and top_k > step_mod.MAX_TOP_K):
+        return step_mod.markov_step_torch(w, base_logits, prev, h, state, temperature, seeds, step, top_k, want_probs)
+    return fn(w, base_logits, prev, h, state, temperature, seeds, step, top_k, want_probs, sample=sample)
+
+
+def draft_block(
+    w: HeadWeights,
+    base_logits: torch.Tensor,
+    h: torch.Tensor,
+    anchor: torch.Tensor,
+    temperature: float | torch.Tensor,
+    seeds: int | torch.Tensor,
+    step0: int = 0,
+    top_k: int = 0,
+    want_probs: bool = False,
+) -> block_loop.BlockResult:
+    """All gamma steps at once: base_logits [B, g, V], h [B, g, d], anchor [B] (x_0)."""
+    b, _, v = base_logits.shape
+    temperature = per_row(temperature, b, base_logits.device, torch.float32)
+    seeds = per_row(seeds, b, base_logits.device, torch.int64)
+    fn = _pick("draft_block", base_logits)
+    if 0 < top_k < v and top_k > step_mod.MAX_TOP_K:
+        fn = block_loop.draft_block_torch
+    return fn(w, base_logits, h, anchor, temperature, seeds, step0, top_k, want_probs)
+
+
+def prefix_survival(conf: torch.Tensor) -> torch.Tensor:
+    """conf [R, g] -> a [R, g] = cumulative product along g."""
+    return _pick("prefix_survival", conf)(conf)
+
+
+def admit_topk(survival_: torch.Tensor, budget: int) -> torch.Tensor:
+    """survival [R, g], token budget K -> verify lengths [R] covering the K largest survivals."""
+    fn = _pick("admit_topk", survival_)
+    r, g = survival_.shape
+    if fn is not survival.admit_topk_torch and r * g > survival.MAX_ADMIT_ENTRIES // 4:
+        fn = survival.admit_topk_torch
+    return fn(survival_, budget)
+
+
+def accept_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor, verify_len: torch.Tensor):
+    """-> (tokens [B, g+1] padded with -1, num_accepted [B]); see verify.verify_greedy."""
+    return _pick("accept_greedy", draft_tokens, target_logits)(draft_tokens, target_logits, verify_len)
+
+
+def accept_rejection(
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    verify_len: torch.Tensor,
+    u_accept: torch.Tensor,
+    u_sample: torch.Tensor,
+):
+    """-> (tokens [B, g+1], num_accepted [B]); see verify.verify_rejection (uniforms passed in)."""
+    fn = _pick("accept_rejection", draft_tokens, target_probs)
+    return fn(draft_tokens, draft_probs, target_probs, verify_len, u_accept, u_sample)

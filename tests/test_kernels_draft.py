@@ -1,0 +1,123 @@
+"""The drafting loop built from the kernels reproduces the core's `sequential_draft` block, and the
+core's per-step operation goes through dispatch (Triton when forced, the twin otherwise)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("kernel tests run in a TRITON_INTERPRET=1 subprocess from tests/test_kernels.py",
+                allow_module_level=True)
+
+from test_kernels_rng import poisoned  # noqa: E402,F401
+from tiny import tiny_drafter, tiny_target  # noqa: E402
+
+from dspark_plugin.draft import sequential_draft  # noqa: E402
+from dspark_plugin.kernels import dispatch  # noqa: E402
+from dspark_plugin.kernels.block_loop import draft_block_triton  # noqa: E402
+from dspark_plugin.kernels.markov_step import markov_step_triton  # noqa: E402
+from dspark_plugin.kernels.weights import HeadWeights  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target("llama", seed=3)
+
+
+def _inputs(drafter, b, seed):
+    gen = torch.Generator().manual_seed(seed)
+    g, d = drafter.num_drafts, drafter.cfg.hidden_size
+    h = torch.randn(b, g, d, generator=gen)
+    anchor = torch.randint(0, drafter.cfg.vocab_size, (b,), generator=gen)
+    return h, anchor
+
+
+def _reference(drafter, h, anchor, **kw):
+    """The core's loop with the kernels switched off (the pre-kernel code path)."""
+    old = os.environ.get("DSPARK_DISABLE_TRITON")
+    os.environ["DSPARK_DISABLE_TRITON"] = "1"
+    try:
+        return sequential_draft(drafter, h, anchor, **kw)
+    finally:
+        if old is None:
+            del os.environ["DSPARK_DISABLE_TRITON"]
+        else:
+            os.environ["DSPARK_DISABLE_TRITON"] = old
+
+
+@pytest.mark.parametrize("head", ["vanilla", "gated", "rnn"])
+def test_kernel_loop_equals_core_greedy_block(poisoned, target, head):
+    drafter = tiny_drafter(target, head, seed=5, block_size=5)
+    drafter.confidence_temperatures = torch.tensor([1.0, 1.5, 2.0, 0.7, 1.2])
+    b = 3
+    h, anchor = _inputs(drafter, b, seed=7)
+    with torch.no_grad():
+        ref = _reference(drafter, h, anchor, temperature=0.0)
+        w = HeadWeights.from_drafter(drafter)
+        base = drafter.lm_head(h).float()
+        temps, seeds = torch.zeros(b), torch.zeros(b, dtype=torch.int64)
+        state = drafter.markov_head.init_state(h[:, 0])
+        prev, toks, confs = anchor, [], []
+        for k in range(drafter.num_drafts):  # the per-step kernel, chained
+            s = markov_step_triton(w, base[:, k], prev, h[:, k], state, temps, seeds, k)
+            prev, state = s.token, s.state
+            toks.append(s.token)
+            confs.append(s.conf_logit)
+        blk = draft_block_triton(w, base, h, anchor, temps, seeds)  # the one-launch block
+    conf = torch.sigmoid(torch.stack(confs, 1) / drafter.confidence_temperatures)
+    assert torch.equal(torch.stack(toks, 1), ref.tokens)
+    assert torch.equal(blk.tokens, ref.tokens)
+    torch.testing.assert_close(conf, ref.confidence, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.sigmoid(blk.conf_logits / drafter.confidence_temperatures), ref.confidence,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["vanilla", "rnn"])
+def test_core_sequential_draft_runs_the_kernel_when_forced(target, head, monkeypatch):
+    """sequential_draft -> dispatch.markov_step: forcing Triton gives the twin's block, greedy and sampled."""
+    drafter = tiny_drafter(target, head, seed=2, block_size=4)
+    h, anchor = _inputs(drafter, 2, seed=11)
+    calls = []
+    fast, twin = dispatch.OPS["markov_step"]
+    monkeypatch.setitem(dispatch.OPS, "markov_step", (lambda *a: calls.append(1) or fast(*a), twin))
+    with torch.no_grad():
+        for kw in [dict(temperature=0.0), dict(temperature=0.9, top_k=0), dict(temperature=1.1, top_k=7)]:
+            twin_block = sequential_draft(drafter, h, anchor, generator=torch.Generator().manual_seed(3), **kw)
+            assert not calls  # CPU tensors: the twin
+            monkeypatch.setenv("DSPARK_FORCE_TRITON", "1")
+            kern_block = sequential_draft(drafter, h, anchor, generator=torch.Generator().manual_seed(3), **kw)
+            monkeypatch.delenv("DSPARK_FORCE_TRITON")
+            assert len(calls) == drafter.num_drafts
+            calls.clear()
+            assert torch.equal(kern_block.tokens, twin_block.tokens)
+            torch.testing.assert_close(kern_block.confidence, twin_block.confidence, rtol=1e-5, atol=1e-6)
+            if kw["temperature"] > 0:
+                torch.testing.assert_close(kern_block.probs, twin_block.probs, rtol=1e-5, atol=1e-6)
+                # each token was drawn where its own draft distribution has mass (top-k respected)
+                p_tok = kern_block.probs.gather(2, kern_block.tokens[..., None]).squeeze(2)
+                assert bool((p_tok > 0).all())
+                if kw.get("top_k"):
+                    assert bool(((kern_block.probs > 0).sum(-1) <= kw["top_k"]).all())
+            assert bool(kern_block.ok.all())
+
+
+def test_core_greedy_unchanged_by_the_dispatch(target):
+    """The twin that now serves CPU drafting reproduces the pre-kernel loop exactly (greedy)."""
+    drafter = tiny_drafter(target, "gated", seed=4, block_size=6)
+    h, anchor = _inputs(drafter, 4, seed=2)
+    with torch.no_grad():
+        new = sequential_draft(drafter, h, anchor, temperature=0.0)
+        # the pre-kernel loop, spelled out
+        base = drafter.lm_head(h).float()
+        prev, toks, confs = anchor, [], []
+        for k in range(drafter.num_drafts):
+            bias, _, w1_prev = drafter.markov_head.step(prev, h[:, k], None)
+            prev = (base[:, k] + bias.float()).argmax(-1)
+            toks.append(prev)
+            confs.append(drafter.confidence_head.logit(h[:, k], w1_prev).float())
+    assert torch.equal(new.tokens, torch.stack(toks, 1))
+    assert torch.equal(new.confidence, torch.sigmoid(torch.stack(confs, 1)))

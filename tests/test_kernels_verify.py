@@ -1,0 +1,119 @@
+"""Prefix survival, top-budget admission and variable-length acceptance kernels vs twins (and vs
+dspark_plugin.verify, whose semantics they implement)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("kernel tests run in a TRITON_INTERPRET=1 subprocess from tests/test_kernels.py",
+                allow_module_level=True)
+
+from test_kernels_rng import poisoned  # noqa: E402,F401
+
+from dspark_plugin.kernels import accept, survival  # noqa: E402
+from dspark_plugin.verify import verify_greedy, verify_rejection  # noqa: E402
+
+SHAPES = [(1, 3, 50), (6, 4, 37), (5, 7, 300), (3, 1, 129)]
+
+
+@pytest.mark.parametrize("r,g", [(1, 7), (5, 3), (33, 5)])
+def test_prefix_survival(poisoned, r, g):
+    conf = torch.rand(r, g)
+    a = survival.prefix_survival_triton(conf)
+    torch.testing.assert_close(a, survival.prefix_survival_torch(conf), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a, conf.cumprod(-1))
+
+
+@pytest.mark.parametrize("r,g", [(1, 7), (6, 4), (13, 5)])
+def test_admission_selects_top_budget_prefixes(poisoned, r, g):
+    a = torch.rand(r, g, generator=torch.Generator().manual_seed(r * g)).cumprod(-1)
+    a[0, :2] = 0.5  # ties inside a row and across rows
+    if r > 1:
+        a[1, 0] = 0.5
+    a = a.cummin(dim=1).values  # survivals never increase along the block
+    flat = a.flatten()
+    for k in sorted({0, 1, 2, 3, (r * g) // 2, r * g - 1, r * g, r * g + 4}):
+        got = survival.admit_topk_triton(a, k)
+        assert torch.equal(got, survival.admit_topk_torch(a, k))
+        assert int(got.sum()) == min(max(k, 0), r * g)
+        if 0 < k <= r * g:  # the admitted entries are the k largest and form prefixes
+            chosen = torch.arange(g)[None, :] < got[:, None]
+            assert float(a[chosen].min()) >= float(flat.topk(k).values[-1])
+
+
+def _greedy_case(b, g, v, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, g + 1, v, generator=gen)
+    target = logits.argmax(-1)
+    draft = target[:, :g].clone()
+    flip = torch.rand(b, g, generator=gen) < 0.3
+    draft[flip] = (draft[flip] + 1) % v
+    verify_len = torch.randint(0, g + 1, (b,), generator=gen)
+    return draft, logits, verify_len
+
+
+@pytest.mark.parametrize("b,g,v", SHAPES)
+def test_accept_greedy(poisoned, b, g, v):
+    draft, logits, verify_len = _greedy_case(b, g, v, b * g + v)
+    tokens, n = accept.accept_greedy_triton(draft, logits, verify_len)
+    tt, tn = accept.accept_greedy_torch(draft, logits, verify_len)
+    ref = verify_greedy(draft, logits, verify_len)
+    assert torch.equal(tokens, tt) and torch.equal(n, tn)
+    assert torch.equal(tokens, ref.tokens) and torch.equal(n, ref.num_accepted)
+
+
+def _rejection_case(b, g, v, seed):
+    gen = torch.Generator().manual_seed(seed)
+    draft_probs = torch.softmax(torch.randn(b, g, v, generator=gen) * 2, -1)
+    target_probs = torch.softmax(torch.randn(b, g + 1, v, generator=gen) * 2, -1)
+    target_probs[0, 0] = draft_probs[0, 0]  # p_t == p_d: certain acceptance, no residual mass
+    if g > 1:  # an almost-agreeing position
+        target_probs[-1, 1] = 0.9 * draft_probs[-1, 1] + 0.1 * target_probs[-1, 1]
+    draft = torch.multinomial(draft_probs.reshape(-1, v), 1, generator=gen).view(b, g)
+    verify_len = torch.randint(0, g + 1, (b,), generator=gen)
+    return draft, draft_probs, target_probs, verify_len
+
+
+@pytest.mark.parametrize("b,g,v", SHAPES)
+def test_accept_rejection(poisoned, b, g, v):
+    draft, dp, tp, verify_len = _rejection_case(b, g, v, b + g + v)
+    for trial in range(3):
+        gen = torch.Generator().manual_seed(trial)
+        u_accept, u_sample = torch.rand(b, g, generator=gen), torch.rand(b, generator=gen)
+        tokens, n = accept.accept_rejection_triton(draft, dp, tp, verify_len, u_accept, u_sample)
+        tt, tn = accept.accept_rejection_torch(draft, dp, tp, verify_len, u_accept, u_sample)
+        assert torch.equal(n, tn) and torch.equal(tokens, tt)
+        assert bool((n <= verify_len).all())
+        # verify.verify_rejection draws its accept uniforms first from the same generator
+        ref = verify_rejection(draft, dp, tp, verify_len, generator=torch.Generator().manual_seed(trial))
+        assert torch.equal(n, ref.num_accepted)
+        j = torch.arange(g + 1)[None, :]
+        assert torch.equal(torch.where(j < n[:, None], tokens, -1), torch.where(j < n[:, None], ref.tokens, -1))
+
+
+def test_rejection_final_token_distribution():
+    """The correction token follows normalise(max(0, p_t - p_d)); the bonus follows p_t."""
+    from scipy.stats import chisquare
+
+    v, n = 5, 4000
+    pd = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.1])
+    pt = torch.tensor([0.1, 0.2, 0.3, 0.3, 0.1])
+    draft = torch.zeros(n, 1, dtype=torch.int64)  # p_d(0) = 0.5 > p_t(0): rejected w.p. 0.8
+    dp, tp = pd.expand(n, 1, v).contiguous(), pt.expand(n, 2, v).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    args = (draft, dp, tp, torch.ones(n, dtype=torch.int64), torch.rand(n, 1, generator=gen), torch.rand(n, generator=gen))
+    # the interpreter runs one program per row slowly: statistics on the twin, identity on a slice
+    tokens, acc = accept.accept_rejection_torch(*args)
+    kt, ka = accept.accept_rejection_triton(*(x[:48] for x in args))
+    assert torch.equal(kt, tokens[:48]) and torch.equal(ka, acc[:48])
+    rejected = acc == 0
+    assert abs(float(rejected.double().mean()) - 0.8) < 0.03
+    residual = (pt - pd).clamp(min=0)
+    counts = torch.bincount(tokens[rejected, 0], minlength=v).double()
+    keep = residual > 0
+    assert counts[~keep].sum() == 0
+    expected = residual[keep].double() / residual.sum() * counts.sum()
+    assert chisquare(counts[keep].numpy(), expected.numpy()).pvalue > 1e-4
