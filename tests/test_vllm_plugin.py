@@ -65,6 +65,8 @@ def test_launcher_environment_keeps_user_choices(tmp_path, monkeypatch):
     assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "5"
     assert env["VLLM_CACHE_ROOT"] == str(tmp_path / ".vllm_cache")
+    (tmp_path / "work_cache").mkdir()
+    assert launcher.cpu_environment({})["VLLM_CACHE_ROOT"] == str(tmp_path / "work_cache" / "vllm_cache")
     assert env["LD_PRELOAD"].endswith("libiomp5.so")
     assert launcher.cpu_environment(env)["LD_PRELOAD"] == env["LD_PRELOAD"]  # not added twice
 

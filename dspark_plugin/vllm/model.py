@@ -14,6 +14,7 @@ Two consumers:
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,27 @@ class DSparkQwen3ForCausalLM(Qwen3DSparkForCausalLM):
         self.model.confidence_head = build_confidence_head(self.dspark_config)
         temps = load_confidence_temperatures(source, self.dspark_config) if source.is_dir() else None
         self.confidence_temperatures: torch.Tensor | None = temps
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Any:
+        # The Markov head bypasses vLLM's backbone loader: its stacked-parameter mapping renames
+        # every `.gate_proj` to `.gate_up_proj`, which would swallow the gated head's gate.
+        head = self.model.markov_head
+        head_tensors: dict[str, torch.Tensor] = {}
+
+        def backbone_weights():
+            for name, tensor in weights:
+                stripped = name.removeprefix("model.")
+                if stripped.startswith("markov_head."):
+                    head_tensors[stripped.removeprefix("markov_head.")] = tensor
+                else:
+                    yield name, tensor
+
+        result = super().load_weights(backbone_weights())
+        if head is not None:
+            state = {k: v.to(dtype=p.dtype) for k, v in head_tensors.items()
+                     for p in [head.state_dict()[k]] if k in head.state_dict()}
+            head.load_state_dict(state, strict=True)
+        return result
 
     # -- the core's view ---------------------------------------------------------------------
     def head_view(self) -> HeadView:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 from typing import Any
+
+from vllm.logger import init_logger
 
 from dspark_plugin.vllm.versions import VllmBuild
 
-logger = logging.getLogger("dspark_plugin.vllm")
+logger = init_logger("dspark_plugin.vllm")
 
 V1_REFUSAL = "dspark speculative decoding"
 DRAFTER_ARCH = "Qwen3DSparkModel"

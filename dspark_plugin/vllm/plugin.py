@@ -7,15 +7,15 @@ Filtering works the usual way: `VLLM_PLUGINS=dspark` (or a list without it to sw
 """
 from __future__ import annotations
 
-import logging
+from vllm.logger import init_logger  # vLLM is the one importing us, so it is importable
 
+from dspark_plugin.vllm.patch_v1 import DRAFTER_ARCH
 from dspark_plugin.vllm.versions import installed_vllm, policy_message
 
-logger = logging.getLogger("dspark_plugin.vllm")
+logger = init_logger("dspark_plugin.vllm")
 
-# The checkpoint architecture every DeepSpec drafter declares, and the class that serves it: a
-# subclass of vLLM's own reader that adds the gated and rnn sequential heads.
-DRAFTER_ARCH = "Qwen3DSparkModel"
+# The class that serves DRAFTER_ARCH (the architecture every DeepSpec drafter declares): a subclass
+# of vLLM's own reader that adds the gated and rnn sequential heads.
 DRAFTER_CLASS = "dspark_plugin.vllm.model:DSparkQwen3ForCausalLM"
 
 _state = {"registered": False, "patched": False}

@@ -19,16 +19,18 @@ scheduler then verifies no drafts and the target decodes one token, so output st
 """
 from __future__ import annotations
 
-import logging
+import time
 from typing import Any
 
 import torch
 from vllm.forward_context import set_forward_context
+from vllm.logger import init_logger
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from dspark_plugin.draft import DraftBlock, sequential_draft
 
-logger = logging.getLogger("dspark_plugin.vllm")
+logger = init_logger("dspark_plugin.vllm.proposer")
+TIMING_EVERY = 256  # draft steps between "where the time goes" log lines
 
 
 class _MethodAs:
@@ -55,6 +57,7 @@ class DSparkProposer(DFlashProposer):
         self.last_confidence: torch.Tensor | None = None   # [B, gamma] c_k of the last step
         self.last_req_ids: list[str] | None = None
         self.num_failed_steps = 0
+        self._timing = {"steps": 0, "backbone_s": 0.0, "head_s": 0.0}
 
     # -- geometry --------------------------------------------------------------------------
     @property
@@ -107,6 +110,16 @@ class DSparkProposer(DFlashProposer):
             return 0.0
         return sampling_metadata.temperature[:batch].float()
 
+    def _record_timing(self, backbone_s: float, head_s: float) -> None:
+        t = self._timing
+        t["steps"] += 1
+        t["backbone_s"] += backbone_s
+        t["head_s"] += head_s
+        if t["steps"] % TIMING_EVERY == 0:
+            logger.info("dspark-plugin timing: %d draft steps, backbone %.2f ms/step, sequential head "
+                        "%.2f ms/step", t["steps"], 1000 * t["backbone_s"] / t["steps"],
+                        1000 * t["head_s"] / t["steps"])
+
     def _no_draft(self, batch: int, why: str) -> torch.Tensor:
         self.num_failed_steps += 1
         logger.warning("dspark-plugin: no speculation this step (%s); %d such steps so far",
@@ -133,14 +146,17 @@ class DSparkProposer(DFlashProposer):
         self.last_confidence = None
         batch = common_attn_metadata.batch_size()
         try:
+            t0 = time.perf_counter()
             h = self._backbone(target_token_ids, target_positions, target_hidden_states,
                                next_token_ids, common_attn_metadata, num_rejected_tokens_gpu)
             if num_speculative_tokens == 0:  # the context K/V is cached; nothing to verify
                 return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
+            t1 = time.perf_counter()
             block: DraftBlock = sequential_draft(
                 self.model.head_view(), h, next_token_ids[:batch].long(),
                 temperature=self._temperatures(sampling_metadata, batch),
             )
+            self._record_timing(t1 - t0, time.perf_counter() - t1)
         except Exception as e:  # noqa: BLE001 - any drafter failure must cost speed, not output
             logger.exception("dspark-plugin: draft step failed")
             return self._no_draft(batch, f"{type(e).__name__}: {e}")

