@@ -61,7 +61,7 @@ def _check_survival(survival: torch.Tensor) -> torch.Tensor:
     if not isinstance(survival, torch.Tensor) or survival.dim() != 2:
         raise DSparkError(f"scheduler: survival must be a 2-D tensor [R, gamma], got {getattr(survival, 'shape', type(survival))}")
     a = survival.detach().to(torch.float64)
-    if a.numel() and (not torch.isfinite(a).all() or (a < 0).any() or (a > 1).any()):
+    if not bool(((a >= 0) & (a <= 1)).all()):  # NaN fails both comparisons
         raise DSparkError("scheduler: survival values must be finite probabilities in [0, 1]")
     # Products of c <= 1 are already non-increasing; a caller passing survivals computed another
     # way (other dtype, rounding) gets them made non-increasing. cummin over j <= k only uses

@@ -16,6 +16,15 @@ from dspark_plugin.scheduler import (
 from dspark_plugin.sps import SPSCurve
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # On the shared 2-core box, 2 intra-op threads on tiny ops stall for tens of ms per op.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def literal_algorithm_1(a: torch.Tensor, sps, early_stop: bool = True) -> list[int]:
     """DSPARK.md §1.5 written as a plain loop (the reference the vectorised code must match)."""
     R, g = a.shape

@@ -27,6 +27,15 @@ from dspark_plugin.scheduler import (
 )
 from dspark_plugin.verify import verify_rejection
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # On the shared 2-core box, 2 intra-op threads on tiny ops stall for tens of ms per op.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 # --- the paper's counter-example (one request, V = 2, gamma = 2) ----------------------------
 # Target: p_t(. | 1) = (0.7, 0.3) (the prompt token is 1), p_t(. | 0) = (0.45, 0.55).
 PAPER_TARGET = torch.tensor([[0.45, 0.55], [0.70, 0.30]])
@@ -123,7 +132,7 @@ def anticipating_async(sps):
     return lambda w, a: top_k_verify_lengths(a, unconstrained_budget(a, sps))
 
 
-def paper(schedule, prompt, seed, peek=False, worlds=100, rounds=120):
+def paper(schedule, prompt, seed, peek=False, worlds=80, rounds=100):
     samples = run_engine(schedule(PAPER_SPS), target=PAPER_TARGET, draft=PAPER_DRAFT,
                          conf=PEEK_CONF if peek else PAPER_CONF, prompt=prompt, worlds=worlds, slots=1,
                          rounds=rounds, seed=seed, peek=peek)
@@ -141,14 +150,14 @@ def test_counter_example_setup_is_the_papers():
 @pytest.mark.parametrize("prompt", [1, 0])
 def test_early_stop_keeps_target_distribution(prompt):
     samples, p, freq = paper(sync("early_stop"), prompt, seed=11 + prompt)
-    assert len(samples) > 5000
+    assert len(samples) > 3500
     assert p > 0.01, f"early-stop scheduler biased: p={p:.2e}, freq={freq.tolist()}"
 
 
 @pytest.mark.parametrize("prompt", [1, 0])
 def test_async_keeps_target_distribution(prompt):
     samples, p, freq = paper(asynchronous, prompt, seed=21 + prompt)
-    assert len(samples) > 5000
+    assert len(samples) > 3500
     assert p > 0.01, f"async scheduler biased: p={p:.2e}, freq={freq.tolist()}"
 
 
