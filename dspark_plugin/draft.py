@@ -1,0 +1,107 @@
+"""Semi-parallel drafting: one backbone pass, then the sequential head left to right (DSPARK.md §1.3)."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from dspark_plugin.drafter import ContextCache, DSparkDrafter
+from dspark_plugin.kernels import dispatch as kernels
+from dspark_plugin.kernels.weights import HeadWeights
+from dspark_plugin.sampling import logits_to_probs, sample
+
+
+@dataclasses.dataclass
+class DraftBlock:
+    tokens: torch.Tensor                  # [B, g]
+    probs: torch.Tensor | None            # [B, g, V] draft distributions (None when greedy)
+    confidence: torch.Tensor | None       # [B, g] calibrated c_k (None without a confidence head)
+    ok: torch.Tensor                      # [B] False where the draft was non-finite: verify nothing
+
+    @property
+    def survival(self) -> torch.Tensor | None:
+        """Prefix survival a_k = prod_{i<=k} c_i."""
+        return None if self.confidence is None else self.confidence.cumprod(dim=-1)
+
+
+def sequential_draft(
+    drafter: DSparkDrafter,
+    h: torch.Tensor,
+    anchor: torch.Tensor,
+    temperature: float | torch.Tensor = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> DraftBlock:
+    """h [B, g, d] final-normed backbone states, anchor [B] = x_0 -> a drafted block."""
+    b, g, _ = h.shape
+    base = drafter.lm_head(h).float()                       # U_k for all positions at once
+    head, conf_head = drafter.markov_head, drafter.confidence_head
+    greedy = bool((torch.as_tensor(temperature) <= 0).all())
+    tokens = anchor.new_empty(b, g)
+    probs = None if greedy else base.new_empty(b, g, base.shape[-1])
+    conf_logits = base.new_empty(b, g) if conf_head is not None else None
+    state = head.init_state(h[:, 0]) if head is not None else None
+    prev = anchor
+    ok = torch.ones(b, dtype=torch.bool, device=h.device)
+    # Markov heads run one fused step per position (Triton on CUDA, its PyTorch twin otherwise;
+    # the twin is these very ops for greedy). Sampling there is Gumbel-max keyed by one seed per
+    # request and block, drawn from `generator`. Top-p and head-less drafters keep the loop below.
+    fused = head is not None and top_p >= 1.0
+    if fused:
+        weights = HeadWeights.from_drafter(drafter)
+        temps = kernels.per_row(temperature, b, h.device, torch.float32)
+        seeds = torch.zeros(b, dtype=torch.int64, device=h.device)
+        if not greedy:
+            gen_device = generator.device if generator is not None else torch.device("cpu")
+            seeds = torch.randint(0, 2**32, (b,), generator=generator, device=gen_device).to(h.device)
+    for k in range(g):
+        if fused:
+            out = kernels.markov_step(weights, base[:, k], prev, h[:, k], state, temps, seeds, k,
+                                      top_k, want_probs=not greedy, sample=not greedy)
+            prev, state = out.token, out.state
+            if conf_logits is not None:
+                conf_logits[:, k] = out.conf_logit
+            if probs is not None:
+                probs[:, k] = out.probs
+            tokens[:, k] = prev
+            ok = ok & out.finite
+            continue
+        logits, w1_prev = base[:, k], None
+        if head is not None:
+            bias, state, w1_prev = head.step(prev, h[:, k], state)
+            logits = logits + bias.float()
+        if conf_head is not None:
+            conf_logits[:, k] = conf_head.logit(h[:, k], w1_prev).float()
+        if greedy:
+            prev = logits.argmax(-1)
+        else:
+            probs[:, k] = logits_to_probs(logits, temperature, top_k, top_p)
+            prev = sample(probs[:, k], generator)
+        tokens[:, k] = prev
+        ok = ok & torch.isfinite(logits).all(-1)
+    confidence = None
+    if conf_logits is not None:
+        temps = drafter.confidence_temperatures
+        if temps is not None:
+            conf_logits = conf_logits / temps[:g].to(conf_logits)
+        confidence = torch.sigmoid(conf_logits)
+        ok = ok & torch.isfinite(confidence).all(-1)
+    if probs is not None:
+        ok = ok & torch.isfinite(probs).all(-1).all(-1)
+    return DraftBlock(tokens=tokens, probs=probs, confidence=confidence, ok=ok)
+
+
+def draft_block(
+    drafter: DSparkDrafter,
+    cache: ContextCache,
+    anchor: torch.Tensor,
+    anchor_pos: torch.Tensor,
+    temperature: float | torch.Tensor = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> DraftBlock:
+    """Draft gamma tokens after `anchor` (at `anchor_pos`) from the drafter's context cache."""
+    h = drafter.block_hidden(cache, anchor, anchor_pos)
+    return sequential_draft(drafter, h, anchor, temperature, top_k, top_p, generator)

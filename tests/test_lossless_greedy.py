@@ -1,0 +1,57 @@
+"""Greedy speculative output == target-only greedy output, token for token (the core guarantee)."""
+import pytest
+import torch
+
+from dspark_plugin.runner import ReferenceRunner
+from tiny import tiny_drafter, tiny_target
+
+PROMPTS = [[2 + p, 3 + (p * 7) % 50, 4 + (p * 13) % 60, 10 + p % 9] for p in range(20)]
+TARGETS = {"llama-varied": dict(kind="llama", init=0.3), "qwen3-repetitive": dict(kind="qwen3", init=0.02)}
+
+
+@pytest.fixture(scope="module", params=list(TARGETS))
+def target_and_reference(request):
+    target = tiny_target(**TARGETS[request.param])
+    runner = ReferenceRunner(target)
+    return target, [runner.generate(p, max_new_tokens=64).tokens for p in PROMPTS]
+
+
+@pytest.mark.parametrize("head", ["vanilla", "gated", "rnn", "none"])
+@pytest.mark.parametrize("gamma", [4, 7])
+def test_greedy_equals_target(target_and_reference, head, gamma):
+    target, reference = target_and_reference
+    drafter = tiny_drafter(target, head, block_size=7)
+    runner = ReferenceRunner(target, drafter, gamma=gamma)
+    accepted = []
+    for prompt, expected in zip(PROMPTS, reference):
+        res = runner.generate(prompt, max_new_tokens=64)
+        assert len(res.tokens) == 64
+        assert res.tokens == expected, f"prompt {prompt}: speculative output diverged from target-only"
+        assert res.fallbacks == 0
+        assert all(0 <= a <= gamma for a in res.accepted)
+        accepted += res.accepted
+    # Rounds really were speculative: never more forwards than tokens, and some drafts accepted.
+    assert max(accepted) >= 1
+
+
+def test_greedy_with_eos_stops_like_target():
+    target = tiny_target(init=0.3)
+    drafter = tiny_drafter(target, "rnn")
+    for prompt in PROMPTS[:5]:
+        ref = ReferenceRunner(target).generate(prompt, 64)
+        eos = {ref.tokens[10]}  # some token the target emits: generation must stop at its first use
+        a = ReferenceRunner(target).generate(prompt, 64, eos_token_ids=eos)
+        b = ReferenceRunner(target, drafter, gamma=7).generate(prompt, 64, eos_token_ids=eos)
+        assert a.tokens == b.tokens and a.tokens[-1] in eos and len(a.tokens) <= 11
+
+
+def test_nan_drafter_falls_back_to_plain_decoding():
+    target = tiny_target(init=0.3)
+    drafter = tiny_drafter(target, "vanilla")
+    with torch.no_grad():
+        drafter.markov_head.markov_w2.weight[3, 0] = float("nan")
+        drafter.markov_head.markov_w1.weight.fill_(1.0)
+    ref = ReferenceRunner(target).generate(PROMPTS[0], 32)
+    res = ReferenceRunner(target, drafter, gamma=7).generate(PROMPTS[0], 32)
+    assert res.tokens == ref.tokens
+    assert res.fallbacks == res.num_rounds > 0
