@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, help="activation cache dir (default <out>/act_cache); share it between drafters")
     p.add_argument("--no-cache", action="store_true", help="run the target inside the loop instead of caching")
     p.add_argument("--cache-only", action="store_true", help="build the activation cache and exit")
+    p.add_argument("--no-extend-cache", action="store_true",
+                   help="train only on sequences already in --cache (another process builds it)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--stop-after", type=int, default=None,
                    help="checkpoint and exit after this step (the schedule still spans --steps); --resume continues")
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         confidence=not args.no_confidence, steps=args.steps, epochs=args.epochs, lr=args.lr,
         warmup=args.warmup, weight_decay=args.weight_decay, batch_size=args.batch_size,
         anchors_per_seq=args.anchors_per_seq, max_len=args.max_len, seed=args.seed, resume=args.resume,
-        cache=args.cache, no_cache=args.no_cache, cache_only=args.cache_only, save_every=args.save_every, stop_after=args.stop_after,
+        cache=args.cache, no_cache=args.no_cache, cache_only=args.cache_only,
+        extend_cache=not args.no_extend_cache, save_every=args.save_every, stop_after=args.stop_after,
         save_dtype=args.save_dtype, mask_token_id=args.mask_token_id, threads=args.threads,
         progress=not args.no_progress,
     )

@@ -52,6 +52,11 @@ def target_features(target: torch.nn.Module, seqs: list[Sequence], layer_ids: li
     return out
 
 
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    # Llama-family "massive activations" reach ~2.5e4 (SmolLM2); clamp so none becomes inf.
+    return x.clamp(-65000.0, 65000.0).to(torch.float16).contiguous()
+
+
 class ActivationCache:
     """Read side: `features(line)` -> (taps fp16 [T, m*d], final fp16 [T, d])."""
 
@@ -125,8 +130,8 @@ def extend_cache(cache: ActivationCache, target: torch.nn.Module, seqs: list[Seq
         feats = target_features(target, chunk, cache.layer_ids)
         tensors = {}
         for s, (taps, final) in zip(chunk, feats):
-            tensors[f"taps.{s.line}"] = taps.to(torch.float16).contiguous()
-            tensors[f"final.{s.line}"] = final.to(torch.float16).contiguous()
+            tensors[f"taps.{s.line}"] = _fp16(taps)
+            tensors[f"final.{s.line}"] = _fp16(final)
         name = cache.path / f"lines_{chunk[0].line:07d}_{chunk[-1].line:07d}.safetensors"
         tmp = name.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})

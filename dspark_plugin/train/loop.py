@@ -53,6 +53,7 @@ class TrainOptions:
     cache: str | None = None          # activation cache dir; None = <out>/act_cache
     no_cache: bool = False            # target forward inside the loop instead (large targets)
     cache_only: bool = False
+    extend_cache: bool = True         # False: train on the sequences already cached (a separate builder fills it)
     save_every: int = 100
     stop_after: int | None = None     # pause (checkpoint and exit) after this step; --resume continues
     save_dtype: str = "bfloat16"
@@ -159,9 +160,14 @@ def train(opts: TrainOptions) -> Path:
     cache = None
     if not opts.no_cache:
         cache = open_or_create(opts.cache or out / "act_cache", cfg.target_layer_ids, tc.hidden_size, target_dir)
-        extend_cache(cache, target, seqs, progress=opts.progress)
+        if opts.extend_cache or opts.cache_only:
+            extend_cache(cache, target, seqs, progress=opts.progress)
         if opts.cache_only:
             return Path(cache.path)
+        cached = cache.lines
+        seqs = [s for s in seqs if s.line in cached]
+        if not seqs:
+            raise DSparkError(f"{cache.path}: no sequence of {opts.data} is cached yet")
 
     drafter = init_drafter(cfg, opts.seed)
     drafter.attach_target(target.get_input_embeddings(), target.get_output_embeddings())
@@ -181,6 +187,8 @@ def train(opts: TrainOptions) -> Path:
         meta = load_state(out, drafter, optimizer)
         if meta is not None:
             start = int(meta["step"])
+    if opts.stop_after is not None and start >= opts.stop_after:
+        return out  # already paused at (or past) this point: nothing to do
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG_NAME
     if log_path.exists():  # keep the curve clean: drop steps the resumed run will redo
