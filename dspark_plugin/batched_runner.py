@@ -36,6 +36,16 @@ SchedulerSpec = Union[str, ScheduleFn]
 
 
 @dataclasses.dataclass
+class StepRecord:
+    """What one engine step saw, for observers (calibration data collection, diagnostics)."""
+    rows: torch.Tensor                    # [R] request index of each active row
+    block: DraftBlock | None              # the drafted full blocks (None: target-only or drafter failed)
+    verify_len: torch.Tensor              # [R] drafts verified per row
+    target_logits: torch.Tensor           # [R, 1 + max verify_len, V] float32
+    verify: object                        # the VerifyResult
+
+
+@dataclasses.dataclass
 class BatchResult:
     results: list[GenerationResult]       # one per request, in input order
     num_steps: int = 0                    # target forwards after prefill
@@ -139,6 +149,7 @@ class BatchedRunner:
         top_p: float = 1.0,
         seed: int = 0,
         eos_token_ids: set[int] | None = None,
+        observer: Callable[[StepRecord], None] | None = None,
     ) -> BatchResult:
         from transformers import DynamicCache
 
@@ -215,6 +226,8 @@ class BatchedRunner:
                 target_probs = logits_to_probs(logits, temperature, top_k, top_p)
                 draft_probs = block.probs[:, : Q - 1] if block is not None else target_probs[:, :0]
                 res = verify_rejection(drafts, draft_probs, target_probs, lengths_d, gen)
+            if observer is not None:
+                observer(StepRecord(rows=rows, block=block, verify_len=lengths, target_logits=logits, verify=res))
             kept = res.num_accepted + 1                                   # anchor slot + accepted drafts
             used = int(kept.max())
             if used < Q:

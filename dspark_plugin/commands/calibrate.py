@@ -1,0 +1,75 @@
+"""`dspark calibrate`: fit per-position confidence temperatures and store them in the drafter dir."""
+from __future__ import annotations
+
+import argparse
+
+NAME = "calibrate"
+HELP = "Sequential temperature scaling of the confidence head on held-out prompts (writes dspark_calibration.json)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", required=True, help="Hugging Face causal LM directory")
+    parser.add_argument("--drafter", required=True, help="DSpark drafter directory (the calibration file goes here)")
+    parser.add_argument("--data", required=True, help="JSONL prompts (turns / prompt / question / instruction)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="sampling temperature the survival is calibrated for (0 = greedy)")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--holdout", type=float, default=0.25,
+                        help="fraction of prompts kept out of the fit and used for the report (0: report on the fit set)")
+    parser.add_argument("--bins", type=int, default=15, help="ECE bins")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dry-run", action="store_true", help="print the report, write nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dspark_plugin.calibration import collect_calibration_data, fit_sequential_temperatures, position_report, \
+        split_by_request
+    from dspark_plugin.calibration_io import save_confidence_temperatures
+    from dspark_plugin.checkpoint import load_drafter
+    from dspark_plugin.errors import DSparkError
+    from dspark_plugin.prompts import encode_prompt, read_prompts
+    from dspark_plugin.target import eos_ids, load_target, parse_dtype
+
+    if not 0 <= args.holdout < 1:
+        raise DSparkError(f"--holdout: must be in [0, 1), got {args.holdout}")
+    texts = read_prompts(args.data, args.limit)
+    if not texts:
+        raise DSparkError(f"{args.data}: no prompts")
+    target, tokenizer = load_target(args.target, parse_dtype(args.dtype))
+    drafter = load_drafter(args.drafter, target=target)
+    prompts = [encode_prompt(tokenizer, t) for t in texts]
+    data = collect_calibration_data(target, drafter, prompts, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    batch_size=args.batch_size, seed=args.seed,
+                                    eos_token_ids=eos_ids(target, tokenizer))
+    fit, held = split_by_request(data, args.holdout, args.seed)
+    temps = fit_sequential_temperatures(fit.conf_logits, fit.survival_labels, n_bins=args.bins)
+    report = position_report(held, temps, n_bins=args.bins, seed=args.seed)
+
+    where = "held-out" if held is not fit else "fit (no hold-out)"
+    print(f"{len(data.conf_logits)} drafted blocks from {len(prompts)} prompts; fit on {len(fit.conf_logits)}, "
+          f"report on {len(held.conf_logits)} {where} blocks")
+    print("  k      T_k   observed  pred before  pred after   ECE before  ECE after   AUC before  AUC after")
+    for r in report:
+        print(f"{r['position']:3d} {r['temperature']:8.3f} {r['observed_survival']:10.4f} {r['predicted_before']:12.4f} "
+              f"{r['predicted_after']:11.4f} {r['ece_before']:12.4f} {r['ece_after']:10.4f} {r['auc_before']:12.4f} "
+              f"{r['auc_after']:10.4f}")
+    if args.dry_run:
+        return 0
+    # JSON has no NaN: an AUC is undefined when a position never (or always) survives.
+    report = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in report]
+    out = save_confidence_temperatures(
+        Path(args.drafter), temps,
+        method="sequential_temperature_scaling", sampling_temperature=args.temperature, ece_bins=args.bins,
+        target=str(Path(args.target).resolve()), data=str(Path(args.data).resolve()), prompts=len(prompts),
+        blocks_fit=len(fit.conf_logits), blocks_report=len(held.conf_logits), report_split=where, positions=report,
+    )
+    print(f"wrote {out}")
+    return 0
