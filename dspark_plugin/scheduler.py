@@ -60,7 +60,9 @@ def prefix_survival(confidence: torch.Tensor) -> torch.Tensor:
 def _check_survival(survival: torch.Tensor) -> torch.Tensor:
     if not isinstance(survival, torch.Tensor) or survival.dim() != 2:
         raise DSparkError(f"scheduler: survival must be a 2-D tensor [R, gamma], got {getattr(survival, 'shape', type(survival))}")
-    a = survival.detach().to(torch.float64)
+    # R * gamma values: the CPU sorts them in microseconds, and the lengths are needed on the CPU
+    # (the engine's scheduler) anyway, so one device->host copy is the only sync.
+    a = survival.detach().to("cpu", torch.float64)
     if not bool(((a >= 0) & (a <= 1)).all()):  # NaN fails both comparisons
         raise DSparkError("scheduler: survival values must be finite probabilities in [0, 1]")
     # Products of c <= 1 are already non-increasing; a caller passing survivals computed another
@@ -210,3 +212,18 @@ class AsyncScheduler:
         # state to one integer per pending step.
         self._budgets.append(unconstrained_budget(survival, self.sps))
         return lengths
+
+
+def verify_len_fn(sps: SPSLike, mode: str = "early_stop") -> Callable[[object, int], int]:
+    """Adapter for `runner.ReferenceRunner(verify_len_fn=...)` (batch 1): block -> verify length.
+
+    Works with any draft block exposing `.survival` [1, gamma]; blocks without confidences verify
+    the full `gamma`.
+    """
+    def fn(block, gamma: int) -> int:
+        survival = getattr(block, "survival", None)
+        if survival is None or mode == "fixed":
+            return gamma
+        return int(schedule_verify_lengths(survival[:, :gamma], sps, mode)[0])
+
+    return fn

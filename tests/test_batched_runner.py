@@ -8,7 +8,7 @@ import torch
 from dspark_plugin.batched_runner import BatchedRunner
 from dspark_plugin.errors import DSparkError
 from dspark_plugin.runner import ReferenceRunner
-from dspark_plugin.scheduler import prefix_survival, schedule_verify_lengths
+from dspark_plugin.scheduler import prefix_survival, schedule_verify_lengths, verify_len_fn
 from tiny import tiny_drafter, tiny_target
 
 
@@ -139,3 +139,14 @@ def test_bad_arguments(llama):
 def test_prefix_survival_helper():
     c = torch.tensor([[0.5, 0.5, 1.0]])
     assert prefix_survival(c).tolist() == [[0.5, 0.25, 0.25]]
+
+
+def test_reference_runner_with_scheduler(llama, reference):
+    ps, ref = reference
+    drafter = tiny_drafter(llama)
+    steep = lambda b: 1.0 / (1.0 + 0.2 * b)  # noqa: E731
+    outs = [ReferenceRunner(llama, drafter, verify_len_fn=verify_len_fn(steep)).generate(p, max_new_tokens=40)
+            for p in ps[:3]]
+    assert [o.tokens for o in outs] == ref[:3]
+    verified = [v for o in outs for v in o.verified]
+    assert min(verified) < 7 and max(verified) > 0
