@@ -6,11 +6,11 @@ each concurrency, and records output tokens/s, mean TTFT, mean time per output t
 first) and mean acceptance length from the server's /metrics. Writes JSON (+ a PNG plot when
 matplotlib is installed) and prints ratios to no-speculation.
 
-    python benchmarks/vllm_serving.py --target work_cache/smollm2-135m \
-        --dspark drafters/smollm2-135m-dspark --dspark-rnn drafters/smollm2-135m-rnn \
-        --dflash drafters/smollm2-135m-dflash --out runs/vllm_serving
+    python benchmarks/vllm_serving.py --target work_cache/smollm2-135m --out runs/vllm_serving
 
-A configuration whose drafter is not given is skipped (and listed as skipped in the JSON).
+Drafters default to the shipped ones in drafters/; a configuration without one is skipped (and
+listed as skipped in the JSON). `dflash` is vLLM's native method when the checkpoint is in vLLM's
+dflash layout, else the same DFlash-style drafter served through the plugin.
 """
 from __future__ import annotations
 
@@ -34,6 +34,12 @@ from dspark_plugin.vllm.serving import VllmServer, acceptance_length  # noqa: E4
 DATA = Path("/work/shared/data")
 
 
+def method_of(drafter: Path) -> str:
+    """`dspark` (plugin) for DeepSpec-layout drafters, `dflash` (vLLM native) for DFlash checkpoints."""
+    archs = json.loads((drafter / "config.json").read_text()).get("architectures") or []
+    return "dspark" if "Qwen3DSparkModel" in archs else "dflash"
+
+
 def configs(args: argparse.Namespace) -> dict[str, dict[str, Any] | None | str]:
     """name -> speculative config (None = no speculation, str = why skipped)."""
     out: dict[str, dict[str, Any] | None | str] = {
@@ -41,16 +47,23 @@ def configs(args: argparse.Namespace) -> dict[str, dict[str, Any] | None | str]:
         "ngram": {"method": "ngram", "num_speculative_tokens": args.ngram_tokens,
                   "prompt_lookup_max": 4, "prompt_lookup_min": 2},
     }
-    for name, path, method in (("dflash", args.dflash, "dflash"), ("dspark", args.dspark, "dspark"),
-                               ("dspark-rnn", args.dspark_rnn, "dspark")):
+    for name, path in (("dflash", args.dflash), ("dspark", args.dspark), ("dspark-rnn", args.dspark_rnn)):
         if path is None:
-            out[name] = f"skipped: no --{name} drafter given"
+            out[name] = f"skipped: no --{name} drafter given or shipped"
             continue
-        spec: dict[str, Any] = {"method": method, "model": str(Path(path).resolve())}
+        path = Path(path).resolve()
+        spec: dict[str, Any] = {"method": method_of(path), "model": str(path)}
         if args.num_speculative_tokens:
             spec["num_speculative_tokens"] = args.num_speculative_tokens
         out[name] = spec
     return {k: v for k, v in out.items() if not args.only or k in args.only}
+
+
+def shipped(prefix: str) -> str | None:
+    for cand in sorted((REPO / "drafters").glob(prefix + "*")):
+        if (cand / "config.json").is_file() and any(cand.glob("*.safetensors")):
+            return str(cand)
+    return None
 
 
 def prompt_sets(n: int) -> dict[str, list[str]]:
@@ -141,9 +154,12 @@ def ratios(result: dict[str, Any]) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default=str(REPO / "work_cache" / "smollm2-135m"))
-    p.add_argument("--dspark", help="vanilla DSpark drafter dir (the shipped one)")
-    p.add_argument("--dspark-rnn", help="rnn-head DSpark drafter dir")
-    p.add_argument("--dflash", help="drafter in vLLM's native dflash layout (trainer --layout dflash)")
+    p.add_argument("--dspark", default=shipped("smollm2-135m-dspark-vanilla"),
+                   help="vanilla DSpark drafter dir (default: the shipped one)")
+    p.add_argument("--dspark-rnn", default=shipped("smollm2-135m-dspark-rnn"), help="rnn-head DSpark drafter dir")
+    p.add_argument("--dflash", default=shipped("smollm2-135m-dflash"),
+                   help="DFlash baseline: a native dflash-layout checkpoint runs as vLLM's `dflash`; a "
+                        "DeepSpec-layout one without Markov head runs through the plugin")
     p.add_argument("--num-speculative-tokens", type=int, default=None, help="default: the drafter's block")
     p.add_argument("--ngram-tokens", type=int, default=4)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])

@@ -5,8 +5,8 @@ set -euo pipefail
 VENV="${DSPARK_VENV:-/opt/dspark/venv}"
 TARGET="${DSPARK_TARGET:-/opt/dspark/models/smollm2-135m}"
 DRAFTER="${DSPARK_DRAFTER:-}"
-if [ -z "$DRAFTER" ]; then  # the first shipped SmolLM2 drafter
-  for d in /opt/dspark/src/drafters/*smollm2*/; do
+if [ -z "$DRAFTER" ]; then  # the shipped vanilla SmolLM2 DSpark drafter
+  for d in /opt/dspark/src/drafters/smollm2-135m-dspark-vanilla*/; do
     if [ -f "$d/config.json" ]; then DRAFTER="${d%/}"; break; fi
   done
 fi

@@ -98,9 +98,10 @@ def test_core_checkpoint_loads_in_vllm_native_reader(target_dir, tmp_path):
     assert out["markov"] == "DSparkMarkovHead" and out["confidence"]
 
 
-@pytest.mark.parametrize("head", ["gated", "rnn"])
-def test_gated_and_rnn_checkpoints_load_in_plugin_class(target_dir, tmp_path, head):
+@pytest.mark.parametrize("head", ["gated", "rnn", "none"])
+def test_all_head_types_load_in_plugin_class(target_dir, tmp_path, head):
     drafter = random_drafter(tmp_path / head, smollm2_drafter_config(head))
     out = load_in_vllm(target_dir, drafter, "plugin")
     assert out["mismatched"] == []
-    assert out["markov"] == {"gated": "GatedMarkovHead", "rnn": "RNNHead"}[head] and out["confidence"]
+    assert out["markov"] == {"gated": "GatedMarkovHead", "rnn": "RNNHead", "none": "NoneType"}[head]
+    assert out["confidence"] == (head != "none")

@@ -33,25 +33,33 @@ logger = init_logger("dspark_plugin.vllm.proposer")
 TIMING_EVERY = 256  # draft steps between "where the time goes" log lines
 
 
-class _MethodAs:
-    """Let DFlashProposer's constructor see its own method name; restore it afterwards."""
+class _Transient:
+    """Set attributes of a (validated dataclass) config for the duration of a block, then restore."""
 
-    def __init__(self, speculative_config: Any, method: str):
-        self.config, self.method = speculative_config, method
+    def __init__(self, config: Any, **values: Any):
+        self.config, self.values = config, values
 
     def __enter__(self) -> None:
-        self.saved = self.config.method
-        # object.__setattr__: the config is a validated dataclass; this is a transient rename.
-        object.__setattr__(self.config, "method", self.method)
+        self.saved = {k: getattr(self.config, k) for k in self.values}
+        for k, v in self.values.items():
+            object.__setattr__(self.config, k, v)  # bypass re-validation: a transient view
 
     def __exit__(self, *exc: object) -> None:
-        object.__setattr__(self.config, "method", self.saved)
+        for k, v in self.saved.items():
+            object.__setattr__(self.config, k, v)
 
 
 class DSparkProposer(DFlashProposer):
     def __init__(self, vllm_config: Any, device: torch.device, runner: Any = None):
-        with _MethodAs(vllm_config.speculative_config, "dflash"):
+        spec = vllm_config.speculative_config
+        # DFlashProposer insists on its own method name and sizes its query buffers for 1 + n
+        # tokens per request; a DSpark block always has block_size queries, even when fewer
+        # drafts are verified, so it is built as a DFlash proposer of n = block_size - 1.
+        block = int(getattr(spec.draft_model_config.hf_config, "block_size", spec.num_speculative_tokens + 1))
+        with _Transient(spec, method="dflash",
+                        num_speculative_tokens=max(spec.num_speculative_tokens, block - 1)):
             super().__init__(vllm_config, device, runner)
+        self.num_speculative_tokens = spec.num_speculative_tokens
         self.method = "dspark"
         self._runner = runner
         self.last_confidence: torch.Tensor | None = None   # [B, gamma] c_k of the last step
@@ -122,8 +130,9 @@ class DSparkProposer(DFlashProposer):
 
     def _no_draft(self, batch: int, why: str) -> torch.Tensor:
         self.num_failed_steps += 1
-        logger.warning("dspark-plugin: no speculation this step (%s); %d such steps so far",
-                       why, self.num_failed_steps)
+        if self.num_failed_steps == 1 or self.num_failed_steps % 100 == 0:  # not once per step
+            logger.warning("dspark-plugin: no speculation this step (%s); %d such steps so far",
+                           why, self.num_failed_steps)
         self._last_draft_probs = None
         self.last_confidence = None
         return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
@@ -158,7 +167,8 @@ class DSparkProposer(DFlashProposer):
             )
             self._record_timing(t1 - t0, time.perf_counter() - t1)
         except Exception as e:  # noqa: BLE001 - any drafter failure must cost speed, not output
-            logger.exception("dspark-plugin: draft step failed")
+            if self.num_failed_steps == 0:  # the traceback once; _no_draft counts the rest
+                logger.exception("dspark-plugin: draft step failed")
             return self._no_draft(batch, f"{type(e).__name__}: {e}")
         if not bool(block.ok.all()):
             return self._no_draft(batch, "non-finite draft logits or confidences")

