@@ -60,7 +60,7 @@ case "$MODE" in
   *) echo "install.sh: mode must be cpu or cuda, got $MODE" >&2; exit 2 ;;
 esac
 
-if [ "$("$PY" -c 'import dspark_plugin, os; print(os.path.realpath(os.path.dirname(dspark_plugin.__file__)))' 2>/dev/null)" \
+if [ "$(cd / && "$PY" -c 'import dspark_plugin, os; print(os.path.realpath(os.path.dirname(dspark_plugin.__file__)))' 2>/dev/null)" \
      != "$(realpath "$SRC/dspark_plugin")" ]; then
   log "dspark-plugin from $SRC"
   "$PY" -m pip install --no-cache-dir --no-deps -e "$SRC"
