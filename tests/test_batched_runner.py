@@ -150,3 +150,71 @@ def test_reference_runner_with_scheduler(llama, reference):
     assert [o.tokens for o in outs] == ref[:3]
     verified = [v for o in outs for v in o.verified]
     assert min(verified) < 7 and max(verified) > 0
+
+
+def test_greedy_long_accepted_runs():
+    # A near-zero init target repeats the last prompt token forever; a drafter whose Markov head
+    # copies the previous token gets long accepted runs, so rows advance by very different amounts
+    # and the KV holes / per-row positions are stressed with acceptance, not only rejection.
+    target = tiny_target("llama", seed=1, init=0.02, vocab=16)
+    drafter = tiny_drafter(target, head="vanilla", rank=16)
+    with torch.no_grad():
+        drafter.markov_head.markov_w1.weight.copy_(torch.eye(16) * 50.0)
+        drafter.markov_head.markov_w2.weight.copy_(torch.eye(16))
+    g = torch.Generator().manual_seed(4)
+    ps = [torch.randint(2, 15, (int(n),), generator=g).tolist() for n in (3, 7, 2, 11, 5)]
+    ref = [ReferenceRunner(target, None).generate(p, max_new_tokens=48).tokens for p in ps]
+    out = BatchedRunner(target, drafter, sps=lambda b: 1.0 / (1.0 + 0.03 * b)).generate(ps, max_new_tokens=48)
+    assert [r.tokens for r in out.results] == ref
+    acc = [a for r in out.results for a in r.accepted]
+    ver = [v for r in out.results for v in r.verified]
+    assert max(acc) >= 4 and sum(acc) / len(acc) > 1.5, acc
+    assert len(set(ver)) > 2, ver  # verify lengths differ between rows/steps
+
+
+def exact_first_tokens(target, prompt: list[int], n: int, temperature: float) -> dict[tuple, float]:
+    """P(first n generated tokens) under the target, by enumerating every prefix."""
+    from dspark_plugin.sampling import logits_to_probs
+
+    probs = {(): 1.0}
+    with torch.no_grad():
+        for _ in range(n):
+            prefixes = list(probs)
+            step = logits_to_probs(target(torch.tensor([prompt + list(p) for p in prefixes])).logits[:, -1], temperature)
+            probs = {p + (t,): probs[p] * float(step[i, t]) for i, p in enumerate(prefixes)
+                     for t in range(step.shape[-1])}
+    return probs
+
+
+def test_sampling_with_scheduler_keeps_target_distribution():
+    """Row 0 of each batch is the measured request, rows 1-3 are load with other prompts.
+    (Only one row per batch is counted: the scheduler couples concurrent requests, so their
+    outputs need not be independent of each other, though each one follows the target.)
+    The strong statistical checks of the scheduler are in test_scheduler_lossless.py; this one
+    checks that the runner wires drafts, lengths and verification together losslessly."""
+    import numpy as np
+    from scipy.stats import chisquare
+
+    target = tiny_target(vocab=6, layers=4, init=0.1)
+    drafter = tiny_drafter(target, "vanilla", rank=4)
+    with torch.no_grad():  # a confidence that varies with context, so row 0's lengths vary
+        drafter.confidence_head.proj.weight.mul_(10.0)
+        drafter.confidence_head.proj.bias.fill_(1.5)
+    runner = BatchedRunner(target, drafter, sps=lambda b: 1.0 / (1.0 + 0.06 * max(0, b - 4)))
+    prompt, load = [2, 3, 4], [[5, 1], [3, 3, 2, 5], [4]]
+    trials, observed, verified = 500, {}, []
+    for seed in range(trials):
+        out = runner.generate([prompt] + load, max_new_tokens=3, temperature=1.0, seed=seed)
+        key = tuple(out.results[0].tokens)
+        observed[key] = observed.get(key, 0) + 1
+        verified += out.results[0].verified
+    assert len(set(verified)) >= 2 and 0 < np.mean(verified) < 6  # the scheduler made real choices
+    expected = exact_first_tokens(target, prompt, 3, 1.0)
+    cells = sorted(expected, key=expected.get, reverse=True)
+    exp = np.array([expected[c] * trials for c in cells])
+    obs = np.array([observed.get(c, 0) for c in cells], dtype=float)
+    big = exp >= 5  # merge rare cells so the chi-square approximation holds
+    obs = np.append(obs[big], obs[~big].sum())
+    exp = np.append(exp[big], exp[~big].sum())
+    assert obs.sum() == trials
+    assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 0.01
