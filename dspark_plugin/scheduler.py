@@ -39,7 +39,8 @@ x_1..x_{k-1}; a[r, k+1] = a[r, k] * c_{k+1} is the first survival that depends o
 What "lossless" covers here: each request's output follows the target exactly. Requests in one
 batch are coupled (one request's verify length depends on another's drafts and vice versa), so
 two concurrent requests' outputs can be slightly correlated with each other although each one
-is exact (a 2-request enumeration with p = (0.7, 0.3) gives P(0, 0) = 0.5125, not 0.49, with both
+is exact (enumerating 2 requests with p = (0.7, 0.3), a uniform drafter, and each request's
+first draft verified iff the other's first draft is 0 gives P(0, 0) = 0.5125, not 0.49, with both
 marginals exactly 0.7). The paper's claim is per request, and the statistical tests count one
 request per simulated engine.
 """
