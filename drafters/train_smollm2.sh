@@ -4,7 +4,7 @@
 # written so far, then advances every drafter by ROUND steps on exactly the same cached data.
 # Resumable: rerun the script and every drafter continues from its trainer_state/.
 #
-#   TOTAL=400 ROUND=50 drafters/train_smollm2.sh
+#   TOTAL=200 ROUND=50 drafters/train_smollm2.sh
 #
 # Outputs (git-ignored): work_cache/drafter_runs/<name>/ ; the shipped copies are
 # drafters/<name>/{config.json,model.safetensors,README.md}.
@@ -15,7 +15,7 @@ TARGET=${TARGET:-work_cache/smollm2-135m}
 DATA=${DATA:-work_cache/train_data.jsonl}
 CACHE=${CACHE:-work_cache/act_cache_smollm2}
 RUNS=${RUNS:-work_cache/drafter_runs}
-TOTAL=${TOTAL:-400}
+TOTAL=${TOTAL:-200}
 ROUND=${ROUND:-50}
 THREADS=${THREADS:-1}
 COMMON=(--target "$TARGET" --data "$DATA" --cache "$CACHE" --threads "$THREADS" --no-progress
