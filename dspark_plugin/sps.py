@@ -281,3 +281,41 @@ def profile_hf_target(
         return measure_sps(hf_verify_step(m, context_len), batch_sizes, repeats=repeats, sync=sync, meta=meta)
 
     return load_or_measure(cache_path, key, measure, force=force)
+
+
+SPS_FILE_NAME = "dspark_sps.json"  # an SPS file placed in the drafter directory is found automatically
+
+
+def find_sps_curve(
+    target_dir: str | os.PathLike,
+    drafter_dir: str | os.PathLike | None = None,
+    path: str | os.PathLike | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    engine: str = "reference",
+) -> SPSCurve | None:
+    """The SPS curve an engine should use, or None when none was profiled.
+
+    Looked up in order: an explicit `path` (a flag; its only entry, or the one for this
+    target/device/dtype), `<drafter_dir>/dspark_sps.json` (same rule), then the default cache
+    (exact key only, since it holds curves of many targets).
+    """
+    key = cache_key(target_fingerprint(target_dir), device_tag(device), dtype, engine)
+    candidates = [Path(path)] if path is not None else []
+    if drafter_dir is not None and (Path(drafter_dir) / SPS_FILE_NAME).is_file():
+        candidates.append(Path(drafter_dir) / SPS_FILE_NAME)
+    for i, file in enumerate(candidates):
+        entries = _read_cache(file)
+        if key in entries:
+            return SPSCurve.from_dict(entries[key], f"{file}[{key}]")
+        if len(entries) == 1:
+            (k, d), = entries.items()
+            return SPSCurve.from_dict(d, f"{file}[{k}]")
+        if i == 0 and path is not None:
+            raise DSparkError(f"{file}: key '{key}': no SPS curve for this target/device/dtype among {len(entries)}")
+    cache = default_cache_path()
+    if cache.is_file():
+        entries = _read_cache(cache)
+        if key in entries:
+            return SPSCurve.from_dict(entries[key], f"{cache}[{key}]")
+    return None

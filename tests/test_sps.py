@@ -169,3 +169,23 @@ def test_cli_profile_writes_curve(tiny_target_dir, tmp_path, capsys):
 def test_cache_key_names_target_device_dtype():
     k = cache_key("/t@abc", "cpu:2threads", torch.bfloat16)
     assert k == "reference|/t@abc|cpu:2threads|bfloat16"
+
+
+def test_find_sps_curve_order(tiny_target_dir, tmp_path, monkeypatch):
+    from dspark_plugin.sps import SPS_FILE_NAME, device_tag, find_sps_curve, target_fingerprint
+
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "cache"))
+    drafter_dir = tmp_path / "drafter"
+    drafter_dir.mkdir()
+    assert find_sps_curve(tiny_target_dir, drafter_dir) is None
+    key = cache_key(target_fingerprint(tiny_target_dir), device_tag("cpu"), torch.float32)
+    SPSCurve.from_measurements([1, 8], [30.0, 10.0]).save(tmp_path / "cache" / "sps.json", key)
+    assert find_sps_curve(tiny_target_dir, drafter_dir).sps == [30.0, 10.0]
+    SPSCurve.from_measurements([1, 8], [20.0, 10.0]).save(drafter_dir / SPS_FILE_NAME, "whatever")
+    assert find_sps_curve(tiny_target_dir, drafter_dir).sps == [20.0, 10.0]  # drafter dir beats the cache
+    flag = tmp_path / "flag.json"
+    SPSCurve.from_measurements([1, 8], [9.0, 3.0]).save(flag, "a")
+    assert find_sps_curve(tiny_target_dir, drafter_dir, path=flag).sps == [9.0, 3.0]
+    SPSCurve.from_measurements([1], [1.0]).save(flag, "b")
+    with pytest.raises(DSparkError, match="flag.json: key"):
+        find_sps_curve(tiny_target_dir, drafter_dir, path=flag)
