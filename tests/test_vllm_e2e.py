@@ -9,6 +9,7 @@ configuration for the whole module.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -35,8 +36,9 @@ def target() -> Path:
 
 @pytest.fixture(scope="module")
 def drafter_and_prompts(target) -> tuple[Path, list[list[int]]]:
-    """(drafter dir, chat-formatted prompt token ids)."""
-    shipped = shipped_drafter("smollm2-135m-dspark-vanilla")
+    """(drafter dir, chat-formatted prompt token ids). DSPARK_E2E_DRAFTER=<dir> forces a drafter."""
+    shipped = Path(os.environ["DSPARK_E2E_DRAFTER"]) if os.environ.get("DSPARK_E2E_DRAFTER") \
+        else shipped_drafter("smollm2-135m-dspark-vanilla")
     if shipped is not None:
         from transformers import AutoTokenizer
 

@@ -23,6 +23,17 @@ SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_toke
 GEN_COUNTERS = ("vllm:generation_tokens",)
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM the server when the process that started it dies (Linux), so a killed
+    test run or benchmark does not leave servers behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,7 +77,7 @@ class VllmServer:
         log = self.log_path.open("w")
         env = dict(os.environ if self.env is None else self.env)
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
