@@ -151,17 +151,18 @@ def test_profile_missing_target(tmp_path):
 def test_cli_profile_writes_curve(tiny_target_dir, tmp_path, capsys):
     out = tmp_path / "curve.json"
     rc = cli.main(["profile", "--target", str(tiny_target_dir), "--out", str(out), "--batch-sizes", "1,4,16",
-                   "--repeats", "1", "--context-len", "8"])
+                   "--repeats", "1", "--context-len", "8", "--threads", "1"])
     assert rc == 0
     curve = SPSCurve.load(out)
     assert curve.batch_sizes == [1, 4, 16]
     printed = capsys.readouterr().out
     assert "measured" in printed and str(out) in printed
     # A second run reuses the file.
-    assert cli.main(["profile", "--target", str(tiny_target_dir), "--out", str(out), "--batch-sizes", "1,4,16"]) == 0
+    assert cli.main(["profile", "--target", str(tiny_target_dir), "--out", str(out), "--batch-sizes", "1,4,16",
+                     "--threads", "1"]) == 0
     assert "cached" in capsys.readouterr().out
     assert cli.main(["profile", "--target", str(tiny_target_dir), "--out", str(out), "--batch-sizes", "1,2",
-                     "--repeats", "1", "--force"]) == 0
+                     "--repeats", "1", "--force", "--threads", "1"]) == 0
     assert "measured" in capsys.readouterr().out and SPSCurve.load(out).batch_sizes == [1, 2]
     assert cli.main(["profile", "--target", str(tmp_path / "nope"), "--out", str(out)]) == 2
 

@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timings per B (the fastest is kept)")
     parser.add_argument("--context-len", type=int, default=64, help="cached context tokens under each step")
     parser.add_argument("--force", action="store_true", help="measure again even if the file has this entry")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (part of the cache key on CPU); on a shared, loaded CPU use 1: "
+                             "2 threads there stall for whole scheduler slices on every parallel op")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +31,10 @@ def run(args: argparse.Namespace) -> int:
     from dspark_plugin.errors import DSparkError
     from dspark_plugin.sps import DEFAULT_BATCH_SIZES, default_cache_path, profile_hf_target
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DSparkError(f"--threads: must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     sizes = DEFAULT_BATCH_SIZES
     if args.batch_sizes:
         try:
