@@ -151,6 +151,29 @@ def ratios(result: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """A BENCHMARKS.md-ready section: command, date, one row per configuration and load."""
+    lines = [f"### vLLM serving, {result['target_name']} ({result['date']})", "",
+             f"`{result['command']}`", "", f"Machine: {result['machine']}; greedy, "
+             f"max {result['max_tokens']} new tokens per request.", "",
+             "| config | dataset | concurrency | out tok/s | x no-spec | TPOT ms | TTFT s | acceptance length |",
+             "|---|---|---|---|---|---|---|---|"]
+    ratio = result.get("ratio_to_no_spec", {})
+    for name, runs in result["runs"].items():
+        for ds, by_c in runs.items():
+            for c, r in by_c.items():
+                tau = r["acceptance_length"]
+                lines.append(f"| {name} | {ds} | {c} | {r['output_tokens_per_s']:.1f} | "
+                             f"{ratio.get(name, {}).get(f'{ds}@{c}', float('nan')):.2f} | "
+                             f"{1000 * (r['mean_tpot_s'] or float('nan')):.1f} | {r['mean_ttft_s']:.2f} | "
+                             f"{'-' if tau is None else f'{tau:.2f}'} |")
+    for name, why in result.get("draft_timing", {}).items():
+        lines.append(f"\n{name} draft step: {why}")
+    for name, why in result.get("skipped", {}).items():
+        lines.append(f"\n{name}: {why}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default=str(REPO / "work_cache" / "smollm2-135m"))
@@ -207,9 +230,14 @@ def main(argv: list[str] | None = None) -> int:
                           f"TPOT {1000 * (r['mean_tpot_s'] or 0):.1f} ms, tau {r['acceptance_length']}", flush=True)
         finally:
             server.stop()
+        timing = [line.split("dspark-plugin timing: ", 1)[1] for line in server.log_tail(10**7).splitlines()
+                  if "dspark-plugin timing: " in line]
+        if timing:  # the proposer's own split of a draft step: backbone vs sequential head
+            result.setdefault("draft_timing", {})[name] = timing[-1]
         (out / "results.json").write_text(json.dumps(result, indent=2))
     result["ratio_to_no_spec"] = ratios(result)
     (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "summary.md").write_text(markdown(result))
     if plot(result, out / "throughput.png"):
         print(f"plot: {out / 'throughput.png'}")
     print(json.dumps(result["ratio_to_no_spec"], indent=2))
