@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "work_cache" / "drafter_runs"
 OUT = ROOT / "drafters"
-SCRIPT = "TOTAL=200 ROUND=50 drafters/train_smollm2.sh"
+SCRIPT = "TOTAL=250 ROUND=125 drafters/train_smollm2.sh"
 
 KIND = {
     "vanilla": "DSpark drafter, vanilla Markov head (rank {rank}) + confidence head",
