@@ -67,12 +67,28 @@ def summarise(name: str, results: list[tuple[GenerationResult, GenerationResult]
     )
 
 
+def build_verify_len_fn(mode: str, target, target_dir: str | Path, drafter_dir: str | Path | None = None,
+                        sps_path: str | Path | None = None):
+    """None for the fixed full block; otherwise the confidence scheduler at batch 1 with an SPS
+    curve found beside the drafter / in the cache, or measured now (and cached) on the target."""
+    if mode == "fixed":
+        return None
+    from dspark_plugin.scheduler import verify_len_fn
+    from dspark_plugin.sps import find_sps_curve, profile_hf_target
+
+    curve = find_sps_curve(target_dir, drafter_dir, sps_path)
+    if curve is None:
+        curve, _ = profile_hf_target(target_dir, model=target)
+    return verify_len_fn(curve, mode)
+
+
 def evaluate(target, tokenizer, drafter, data: str | Path, limit: int | None = None, max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             gamma: int | None = None, eos: set[int] | None = None, progress: bool = True) -> DatasetReport:
+             gamma: int | None = None, eos: set[int] | None = None, progress: bool = True,
+             verify_len_fn=None) -> DatasetReport:
     prompts = read_prompts(data, limit)
     target_runner = ReferenceRunner(target)
-    spec_runner = ReferenceRunner(target, drafter, gamma=gamma)
+    spec_runner = ReferenceRunner(target, drafter, gamma=gamma, verify_len_fn=verify_len_fn)
     results = []
     for i, text in enumerate(tqdm(prompts, desc=Path(data).stem, disable=not progress, unit="prompt")):
         ids = encode_prompt(tokenizer, text)

@@ -60,3 +60,16 @@ def test_generate_console_script(dirs):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "tok/s" in proc.stdout and "DSpark tau=" in proc.stdout
+
+
+def test_eval_with_confidence_scheduler_stays_identical(dirs, tmp_path):
+    root, data = dirs
+    out = root / "scheduled.json"
+    env = dict(__import__("os").environ, DSPARK_CACHE_DIR=str(tmp_path))  # SPS measured and cached here
+    proc = subprocess.run([dspark_exe(), "eval", "--target", str(root / "target"), "--drafter", str(root / "drafter"),
+                           "--data", str(data), "--limit", "3", "--max-new-tokens", "24", "--scheduler", "early_stop",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["args"]["scheduler"] == "early_stop" and report["reports"][0]["greedy_identical"] is True
+    assert (tmp_path / "sps.json").is_file()

@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--gamma", type=int, default=None, help="drafts verified per round (default: the block)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", choices=["fixed", "early_stop"], default="fixed",
+                   help="fixed: verify the whole block; early_stop: confidence-scheduled verify length")
+    p.add_argument("--sps", default=None, help="SPS curve file for the scheduler (default: found or measured)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write the reports here")
@@ -30,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dspark_plugin.checkpoint import load_drafter
     from dspark_plugin.config import DSparkConfig
-    from dspark_plugin.evaluate import evaluate
+    from dspark_plugin.evaluate import build_verify_len_fn, evaluate
     from dspark_plugin.target import eos_ids, load_target, parse_dtype
 
     if args.threads:
@@ -38,10 +41,12 @@ def run(args: argparse.Namespace) -> int:
     DSparkConfig.from_dir(args.drafter)  # a bad drafter fails before the target is loaded
     target, tokenizer = load_target(args.target, parse_dtype(args.dtype))
     drafter = load_drafter(args.drafter, target=target)
+    verify_len_fn = build_verify_len_fn(args.scheduler, target, args.target, args.drafter, args.sps)
     reports = []
     for data in args.data:
         rep = evaluate(target, tokenizer, drafter, data, args.limit, args.max_new_tokens, args.temperature,
-                       args.top_k, args.top_p, args.seed, args.gamma, eos_ids(target, tokenizer))
+                       args.top_k, args.top_p, args.seed, args.gamma, eos_ids(target, tokenizer),
+                       verify_len_fn=verify_len_fn)
         reports.append(rep)
         acc = " ".join(f"{a:.2f}" for a in rep.acceptance)
         same = {None: "n/a (sampling)", True: "yes", False: f"NO (prompts {rep.mismatched_prompts})"}
@@ -50,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
               f"speedup={rep.speedup:.2f}x greedy-identical={same[rep.greedy_identical]}")
     if args.json:
         meta = {k: getattr(args, k) for k in ("target", "drafter", "limit", "max_new_tokens", "temperature",
-                                               "top_k", "top_p", "gamma", "seed", "dtype")}
+                                               "top_k", "top_p", "gamma", "seed", "dtype", "scheduler")}
         with open(args.json, "w") as f:
             json.dump({"args": meta, "reports": [dataclasses.asdict(r) for r in reports]}, f, indent=2)
     return 0 if all(r.greedy_identical is not False for r in reports) else 1

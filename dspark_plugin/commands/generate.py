@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--gamma", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", choices=["fixed", "early_stop"], default="fixed",
+                   help="fixed: verify the whole block; early_stop: confidence-scheduled verify length")
+    p.add_argument("--sps", default=None, help="SPS curve file for the scheduler (default: found or measured)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None)
 
@@ -26,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dspark_plugin.checkpoint import load_drafter
     from dspark_plugin.config import DSparkConfig
+    from dspark_plugin.evaluate import build_verify_len_fn
     from dspark_plugin.prompts import encode_prompt
     from dspark_plugin.runner import ReferenceRunner
     from dspark_plugin.target import eos_ids, load_target, parse_dtype
@@ -36,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         DSparkConfig.from_dir(args.drafter)  # a bad drafter fails before the target is loaded
     target, tokenizer = load_target(args.target, parse_dtype(args.dtype))
     drafter = load_drafter(args.drafter, target=target) if args.drafter else None
-    runner = ReferenceRunner(target, drafter, gamma=args.gamma)
+    fn = build_verify_len_fn(args.scheduler, target, args.target, args.drafter, args.sps) if drafter else None
+    runner = ReferenceRunner(target, drafter, gamma=args.gamma, verify_len_fn=fn)
     res = runner.generate(encode_prompt(tokenizer, args.prompt), args.max_new_tokens, args.temperature,
                           args.top_k, args.top_p, args.seed, eos_ids(target, tokenizer))
     print(tokenizer.decode(res.tokens, skip_special_tokens=True))
