@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from dspark_plugin.prompts import prompt_text as row_prompt_text
 from dspark_plugin.errors import DSparkError
 
 
@@ -23,21 +24,10 @@ class Prompt:
 
 def prompt_text(record: dict, where: str) -> str:
     """The user turn of one dataset record (MT-Bench, plain, GSM8K or self-instruct layouts)."""
-    turns = record.get("turns")
-    if isinstance(turns, list) and turns and isinstance(turns[0], str):
-        return turns[0]
-    for key in ("prompt", "question"):
-        if isinstance(record.get(key), str):
-            return record[key]
-    if isinstance(record.get("instruction"), str):
-        text = record["instruction"]
-        instances = record.get("instances")
-        if isinstance(instances, list) and instances and isinstance(instances[0], dict):
-            extra = instances[0].get("input") or ""
-            if extra.strip():
-                text = f"{text}\n\n{extra}"
-        return text
-    raise DSparkError(f"{where}: no prompt field (expected 'turns', 'prompt', 'question' or 'instruction')")
+    text = row_prompt_text(record)
+    if text is None:
+        raise DSparkError(f"{where}: no prompt field (expected 'turns', 'prompt', 'question' or 'instruction')")
+    return text
 
 
 def read_prompt_file(path: str | Path) -> list[Prompt]:
