@@ -38,10 +38,10 @@ def sample_epilogue_torch(
     """
     logits = logits.float()
     v = logits.shape[-1]
-    greedy, y = scaled_logits_torch(logits, temperature)
-    if not want_probs and bool(greedy.all()):
+    if not want_probs and bool((temperature <= 0).all()):
         # all-greedy fast path (the CPU drafting loop): no noise, no normaliser needed
         return logits.argmax(-1), torch.zeros(logits.shape[0], device=logits.device), None
+    greedy, y = scaled_logits_torch(logits, temperature)
     if 0 < top_k < v:
         kth = torch.topk(y, top_k, dim=-1).values[:, -1:]
         y = y.masked_fill(y < kth, float("-inf"))

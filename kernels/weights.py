@@ -33,13 +33,18 @@ class HeadWeights:
             raise ValueError("the fused drafting kernels need a Markov head (markov_rank > 0)")
         kind = {"VanillaMarkovHead": "vanilla", "GatedMarkovHead": "gated", "RNNHead": "rnn"}[type(head).__name__]
         proj = getattr(head, "gate_proj", None) or getattr(head, "joint_proj", None)
+
+        def flat(t: torch.Tensor | None) -> torch.Tensor | None:
+            # the kernels index rows with plain strides; a no-op for ordinary parameters
+            return None if t is None else t.detach().contiguous()
+
         return cls(
             head_type=kind,
-            w1=head.markov_w1.weight.detach(),
-            w2=head.markov_w2.weight.detach(),
-            proj_w=None if proj is None else proj.weight.detach(),
-            proj_b=None if proj is None or proj.bias is None else proj.bias.detach(),
-            conf_w=None if conf is None else conf.proj.weight.detach(),
-            conf_b=None if conf is None else conf.proj.bias.detach(),
+            w1=flat(head.markov_w1.weight),
+            w2=flat(head.markov_w2.weight),
+            proj_w=None if proj is None else flat(proj.weight),
+            proj_b=None if proj is None else flat(proj.bias),
+            conf_w=None if conf is None else flat(conf.proj.weight),
+            conf_b=None if conf is None else flat(conf.proj.bias),
             conf_with_markov=bool(conf.with_markov) if conf is not None else True,
         )

@@ -69,7 +69,8 @@ def test_every_operation_through_dispatch(monkeypatch):
     """Each dispatch entry point runs end to end on both backends, and the backends agree."""
     calls = []
     for name, (fast, twin) in list(dispatch.OPS.items()):
-        monkeypatch.setitem(dispatch.OPS, name, (lambda *a, _f=fast, _n=name: calls.append(_n) or _f(*a), twin))
+        counted = lambda *a, _f=fast, _n=name, **kw: calls.append(_n) or _f(*a, **kw)  # noqa: E731
+        monkeypatch.setitem(dispatch.OPS, name, (counted, twin))
     monkeypatch.setenv("DSPARK_FORCE_TRITON", "0")
     twin_out = _run_all_ops()
     assert calls == []

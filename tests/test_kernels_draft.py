@@ -16,7 +16,7 @@ from tiny import tiny_drafter, tiny_target  # noqa: E402
 
 from dspark_plugin.draft import sequential_draft  # noqa: E402
 from dspark_plugin.kernels import dispatch  # noqa: E402
-from dspark_plugin.kernels.block_loop import draft_block_triton  # noqa: E402
+from dspark_plugin.kernels.block_loop import draft_block_torch, draft_block_triton  # noqa: E402
 from dspark_plugin.kernels.markov_step import markov_step_triton  # noqa: E402
 from dspark_plugin.kernels.weights import HeadWeights  # noqa: E402
 
@@ -37,7 +37,7 @@ def _inputs(drafter, b, seed):
 
 
 def _reference(drafter, h, anchor, **kw):
-    """The core's loop with the kernels switched off (the pre-kernel code path)."""
+    """The core's loop with Triton switched off (on CPU: the twin for greedy)."""
     old = os.environ.get("DSPARK_DISABLE_TRITON")
     os.environ["DSPARK_DISABLE_TRITON"] = "1"
     try:
@@ -83,20 +83,33 @@ def test_core_sequential_draft_runs_the_kernel_when_forced(target, head, monkeyp
     h, anchor = _inputs(drafter, 2, seed=11)
     calls = []
     fast, twin = dispatch.OPS["markov_step"]
-    monkeypatch.setitem(dispatch.OPS, "markov_step", (lambda *a: calls.append(1) or fast(*a), twin))
+    monkeypatch.setitem(dispatch.OPS, "markov_step", (lambda *a, **kw: calls.append(1) or fast(*a, **kw), twin))
+    w = HeadWeights.from_drafter(drafter)
     with torch.no_grad():
+        base = drafter.lm_head(h).float()
         for kw in [dict(temperature=0.0), dict(temperature=0.9, top_k=0), dict(temperature=1.1, top_k=7)]:
-            twin_block = sequential_draft(drafter, h, anchor, generator=torch.Generator().manual_seed(3), **kw)
-            assert not calls  # CPU tensors: the twin
+            core_block = sequential_draft(drafter, h, anchor, generator=torch.Generator().manual_seed(3), **kw)
+            assert not calls  # CPU tensors: the twin (greedy) or the core's own sampling loop
             monkeypatch.setenv("DSPARK_FORCE_TRITON", "1")
             kern_block = sequential_draft(drafter, h, anchor, generator=torch.Generator().manual_seed(3), **kw)
             monkeypatch.delenv("DSPARK_FORCE_TRITON")
             assert len(calls) == drafter.num_drafts
             calls.clear()
+            # the kernel path keys its Gumbel noise by one seed per request drawn from the generator
+            seeds = torch.randint(0, 2**32, (2,), generator=torch.Generator().manual_seed(3))
+            twin_block = draft_block_torch(w, base, h, anchor, torch.full((2,), kw["temperature"]), seeds, 0,
+                                           kw.get("top_k", 0), kw["temperature"] > 0)
             assert torch.equal(kern_block.tokens, twin_block.tokens)
-            torch.testing.assert_close(kern_block.confidence, twin_block.confidence, rtol=1e-5, atol=1e-6)
-            if kw["temperature"] > 0:
+            assert drafter.confidence_temperatures is None
+            torch.testing.assert_close(kern_block.confidence, torch.sigmoid(twin_block.conf_logits),
+                                       rtol=1e-5, atol=1e-6)
+            if kw["temperature"] == 0:
+                assert torch.equal(kern_block.tokens, core_block.tokens)
+                torch.testing.assert_close(kern_block.confidence, core_block.confidence, rtol=1e-5, atol=1e-6)
+            else:
                 torch.testing.assert_close(kern_block.probs, twin_block.probs, rtol=1e-5, atol=1e-6)
+                # same distributions as the core's loop (which samples its own tokens)
+                torch.testing.assert_close(kern_block.probs[:, 0], core_block.probs[:, 0], rtol=1e-5, atol=1e-6)
                 # each token was drawn where its own draft distribution has mass (top-k respected)
                 p_tok = kern_block.probs.gather(2, kern_block.tokens[..., None]).squeeze(2)
                 assert bool((p_tok > 0).all())
