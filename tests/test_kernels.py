@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from interpreted import interpreted_kernel_files
 
 HERE = Path(__file__).resolve().parent
 
@@ -19,8 +20,7 @@ def test_kernel_suite_under_interpreter():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("already interpreted: the kernel files run directly in this process")
     pytest.importorskip("triton")
-    # test_kernels_bench.py starts its own interpreter subprocess; it runs in this process instead.
-    files = sorted(str(p) for p in HERE.glob("test_kernels_*.py") if p.name != "test_kernels_bench.py")
+    files = [str(p) for p in interpreted_kernel_files()]
     env = dict(os.environ, TRITON_INTERPRET="1", DSPARK_FORCE_TRITON="0")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
                           cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=1500)
