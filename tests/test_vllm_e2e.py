@@ -23,7 +23,7 @@ from dspark_plugin.vllm.testing import REPO, quick_drafter, shipped_drafter, smo
 pytestmark = pytest.mark.slow
 
 DATA = Path("/work/shared/data")
-CACHE = REPO / "work_cache" / "vllm_plugin_e2e"
+CACHE = REPO / "work_cache" / "vllm_plugin" / "quick"
 NUM_PROMPTS = 12
 MAX_TOKENS = 64
 SERVE_ARGS = ["--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "4", "--seed", "0"]
