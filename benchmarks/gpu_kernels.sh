@@ -4,7 +4,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-work_cache}"; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# kernels/ installs as dspark_plugin.kernels; without installing, assemble that layout in /tmp.
+SHIM="$(mktemp -d)"; cp -r dspark_plugin "$SHIM/"; rm -rf "$SHIM/dspark_plugin/kernels"; cp -r kernels "$SHIM/dspark_plugin/kernels"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 "$PY" - <<'PY' 2>&1 | tee "$OUT/gpu_check.log"
 # Quick compiled-kernel agreement on CUDA (the CPU tests cover the interpreter).
