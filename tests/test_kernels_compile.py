@@ -44,14 +44,15 @@ STEP_PTRS = dict(prev_ptr="*i64", W1_ptr="*bf16", W2_ptr="*bf16", seed_ptr="*i64
                  count_ptr="*i32", anchor_ptr="*i64", P_ptr="*bf16", PB_ptr="*bf16")
 
 
-@pytest.mark.parametrize("cfg", [
-    dict(BLOCK_B=16, BLOCK_V=128, R_PAD=64, BLOCK_K=128, NSPLIT=512, TOPK_PAD=0, GATHER=True, SAMPLE=False,
-         HAS_CONF=True, CONF_MARKOV=True, WRITE_ROW=False, DOT_IEEE=False, TICKET=True),
-    dict(BLOCK_B=64, BLOCK_V=64, R_PAD=256, BLOCK_K=128, NSPLIT=256, TOPK_PAD=0, GATHER=False, SAMPLE=True,
-         HAS_CONF=True, CONF_MARKOV=False, WRITE_ROW=True, DOT_IEEE=False, TICKET=False),
-    dict(BLOCK_B=16, BLOCK_V=64, R_PAD=64, BLOCK_K=64, NSPLIT=32, TOPK_PAD=64, GATHER=True, SAMPLE=True,
-         HAS_CONF=False, CONF_MARKOV=True, WRITE_ROW=True, DOT_IEEE=False, TICKET=True),
-], ids=["greedy-ticket", "sample-rows-two-launch", "topk"])
+GREEDY_TICKET = dict(BLOCK_B=16, BLOCK_V=128, R_PAD=64, BLOCK_K=128, NSPLIT=512, TOPK_PAD=0, GATHER=True,
+                     SAMPLE=False, HAS_CONF=True, CONF_MARKOV=True, WRITE_ROW=False, DOT_IEEE=False, TICKET=True)
+SAMPLE_ROWS = dict(BLOCK_B=64, BLOCK_V=64, R_PAD=256, BLOCK_K=128, NSPLIT=256, TOPK_PAD=0, GATHER=False,
+                   SAMPLE=True, HAS_CONF=True, CONF_MARKOV=False, WRITE_ROW=True, DOT_IEEE=False, TICKET=False)
+TOPK = dict(BLOCK_B=16, BLOCK_V=64, R_PAD=64, BLOCK_K=64, NSPLIT=32, TOPK_PAD=64, GATHER=True, SAMPLE=True,
+            HAS_CONF=False, CONF_MARKOV=True, WRITE_ROW=True, DOT_IEEE=False, TICKET=True)
+
+
+@pytest.mark.parametrize("cfg", [GREEDY_TICKET, SAMPLE_ROWS], ids=["greedy-ticket", "sample-rows-two-launch"])
 def test_step_kernel_compiles(cfg):
     k = compile_kernel(markov_step._step_kernel, STEP_PTRS, cfg)
     if cfg["TICKET"]:  # the split-combine ticket: one gpu-scope acq_rel atomic, L1-bypassing reads
@@ -61,17 +62,28 @@ def test_step_kernel_compiles(cfg):
 
 def test_combine_latent_normalize_compile():
     compile_kernel(markov_step._combine_kernel, STEP_PTRS, dict(BLOCK_B=16, NSPLIT=64, TOPK_PAD=0))
-    compile_kernel(markov_step._combine_kernel, STEP_PTRS, dict(BLOCK_B=16, NSPLIT=16, TOPK_PAD=64))
-    for kind in (1, 2):
-        compile_kernel(heads_fused._latent_kernel, STEP_PTRS,
-                       dict(BLOCK_B=16, R_PAD=256, BLOCK_K=64, KIND=kind, DOT_IEEE=False))
+    compile_kernel(heads_fused._latent_kernel, STEP_PTRS, dict(BLOCK_B=16, R_PAD=256, BLOCK_K=64, KIND=1, DOT_IEEE=False))
+    compile_kernel(heads_fused._latent_kernel, STEP_PTRS, dict(BLOCK_B=16, R_PAD=64, BLOCK_K=64, KIND=2, DOT_IEEE=False))
     compile_kernel(epilogue._normalize_rows_kernel, dict(tok_ptr="*i64"), dict(BLOCK_R=1, BLOCK_V=2048))
 
 
-@pytest.mark.parametrize("kind,topk", [(2, 0), (0, 16)])
-def test_block_kernel_compiles(kind, topk):
+@pytest.mark.slow
+def test_large_compiles():
+    """The slow builds (minutes each on a loaded 2-core CPU): every top-k variant (bitonic
+    tl.topk networks over packed int64 keys) and the RNN prologue at r = 256 (nine 256 x 256
+    weight tiles)."""
+    k = compile_kernel(markov_step._step_kernel, STEP_PTRS, TOPK)
+    assert "atom.global.gpu.acq_rel.add" in k.asm["ptx"]
+    compile_kernel(markov_step._combine_kernel, STEP_PTRS, dict(BLOCK_B=16, NSPLIT=16, TOPK_PAD=64))
     compile_kernel(block_loop._block_kernel, STEP_PTRS,
-                   dict(BLOCK_B=16, BLOCK_V=64, R_PAD=64, BLOCK_K=128, TOPK_PAD=topk, KIND=kind, SAMPLE=True,
+                   dict(BLOCK_B=16, BLOCK_V=64, R_PAD=64, BLOCK_K=128, TOPK_PAD=16, KIND=0, SAMPLE=True,
+                        HAS_CONF=True, CONF_MARKOV=True, WRITE_ROW=True, DOT_IEEE=False))
+    compile_kernel(heads_fused._latent_kernel, STEP_PTRS, dict(BLOCK_B=16, R_PAD=256, BLOCK_K=64, KIND=2, DOT_IEEE=False))
+
+
+def test_block_kernel_compiles():
+    compile_kernel(block_loop._block_kernel, STEP_PTRS,
+                   dict(BLOCK_B=16, BLOCK_V=64, R_PAD=64, BLOCK_K=128, TOPK_PAD=0, KIND=2, SAMPLE=True,
                         HAS_CONF=True, CONF_MARKOV=True, WRITE_ROW=True, DOT_IEEE=False))
 
 
