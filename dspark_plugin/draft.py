@@ -44,10 +44,11 @@ def sequential_draft(
     state = head.init_state(h[:, 0]) if head is not None else None
     prev = anchor
     ok = torch.ones(b, dtype=torch.bool, device=h.device)
-    # Markov heads run one fused step per position (Triton on CUDA, its PyTorch twin otherwise;
-    # the twin is these very ops for greedy). Sampling there is Gumbel-max keyed by one seed per
-    # request and block, drawn from `generator`. Top-p and head-less drafters keep the loop below.
-    fused = head is not None and top_p >= 1.0
+    # Markov heads run one fused step per position: the Triton kernel on CUDA, else its PyTorch
+    # twin, which for greedy is exactly the loop below. Kernel sampling is Gumbel-max keyed by one
+    # seed per request and block, drawn from `generator`. CPU sampling, top-p and head-less
+    # drafters keep the loop below.
+    fused = head is not None and top_p >= 1.0 and (greedy or kernels.backend(base) == "triton")
     if fused:
         weights = HeadWeights.from_drafter(drafter)
         temps = kernels.per_row(temperature, b, h.device, torch.float32)
