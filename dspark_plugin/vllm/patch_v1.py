@@ -55,6 +55,20 @@ def _validate(speculative_config: Any) -> None:
                          speculative_config.num_speculative_tokens)
 
 
+def tap_runner_layers(runner: Any, speculative_config: Any) -> None:
+    """Make the runner tap the drafter's `target_layer_ids`.
+
+    The V1 runner reads tapped layers only from `eagle_aux_hidden_state_layer_ids` or
+    `dflash_config`; for a DeepSpec drafter it would fall back to the target's default EAGLE-3
+    layers, which are not the ones the drafter was trained on. vLLM's aux id L is the input of
+    layer L, i.e. the output of layer L-1 (HF `hidden_states[L]`), hence the +1.
+    """
+    layer_ids = getattr(speculative_config.draft_model_config.hf_config, "target_layer_ids", None)
+    if layer_ids:
+        aux = tuple(int(i) + 1 for i in layer_ids)
+        runner._get_eagle3_aux_layers_from_config = lambda: aux
+
+
 def _source_has(obj: Any, needle: str) -> bool:
     try:
         return needle in inspect.getsource(obj)
@@ -72,6 +86,7 @@ def _register_upstream() -> bool:
     def factory(vllm_config: Any, device: Any, runner: Any) -> Any:
         from dspark_plugin.vllm.proposer import DSparkProposer
 
+        tap_runner_layers(runner, vllm_config.speculative_config)
         return DSparkProposer(vllm_config, device, runner)
 
     def accepts(speculative_config: Any) -> bool:
@@ -125,6 +140,7 @@ def apply(build: VllmBuild) -> bool:
             gmr.EagleProposer = native
         if isinstance(getattr(self, "drafter", None), DSparkProposer):
             self.use_aux_hidden_state_outputs = True
+            tap_runner_layers(self, vllm_config.speculative_config)
 
     VllmConfig._get_v1_model_runner_unsupported_features = unsupported_features
     gmr.GPUModelRunner.__init__ = init_runner
