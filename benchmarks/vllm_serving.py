@@ -95,13 +95,27 @@ def stream_chat(url: str, prompt: str, max_tokens: int) -> dict[str, float]:
     return {"ttft": first - start, "latency": end - start, "tokens": tokens}
 
 
+def settled_metrics(server: VllmServer, timeout: float = 20.0) -> dict[str, float]:
+    """/metrics once the spec-decode counters stop moving (the engine publishes stats with a lag)."""
+    keys = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_accepted_tokens", "vllm:generation_tokens")
+    last = server.metrics()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(1.5)
+        now = server.metrics()
+        if all(now.get(k) == last.get(k) for k in keys):
+            return now
+        last = now
+    return last
+
+
 def run_load(server: VllmServer, prompts: list[str], concurrency: int, max_tokens: int) -> dict[str, Any]:
-    before = server.metrics()
+    before = settled_metrics(server)
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(lambda p: stream_chat(server.url, p, max_tokens), prompts))
     wall = time.perf_counter() - start
-    after = server.metrics()
+    after = settled_metrics(server)
     tokens = sum(r["tokens"] for r in results)
     tpot = [(r["latency"] - r["ttft"]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1]
     return {
