@@ -21,7 +21,9 @@ from dspark_plugin.vllm.testing import REPO, quick_drafter, smollm2_target, vllm
 
 pytestmark = pytest.mark.slow
 
-DATA = Path("/work/shared/data")
+# The workplace's prompt sets: beside the checkout (../shared/data), else the usual mount.
+DATA = next((d for d in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data"))
+             if d.is_dir()), Path("/work/shared/data"))
 CACHE = REPO / "work_cache" / "vllm_plugin" / "quick-train-prompts"
 NUM_PROMPTS = 12
 MAX_TOKENS = 64
