@@ -23,7 +23,7 @@ from torch import nn
 from dspark_plugin.draft import DraftBlock, draft_block
 from dspark_plugin.drafter import ContextCache, DSparkDrafter
 from dspark_plugin.errors import DSparkError
-from dspark_plugin.runner import GenerationResult
+from dspark_plugin.runner import GenerationResult, bind_drafter
 from dspark_plugin.sampling import logits_to_probs, sample
 from dspark_plugin.scheduler import MODES, AsyncScheduler, schedule_verify_lengths
 from dspark_plugin.sps import SPSCurve, hf_verify_step, measure_sps
@@ -77,13 +77,7 @@ class BatchedRunner:
                  scheduler: SchedulerSpec = "early_stop", sps: SPSCurve | Callable[[int], float] | None = None):
         self.target = target.eval()
         self.drafter = drafter
-        if drafter is not None:
-            if drafter._embed_tokens is None:
-                drafter.attach_target(target.get_input_embeddings(), target.get_output_embeddings())
-            gamma = drafter.num_drafts if gamma is None else gamma
-            if not 1 <= gamma <= drafter.num_drafts:
-                raise DSparkError(f"gamma={gamma} must be in 1..{drafter.num_drafts} (the drafter's block)")
-        self.gamma = gamma or 0
+        self.gamma = bind_drafter(target, drafter, gamma)
         if not callable(scheduler) and scheduler not in MODES + ("async",):
             raise DSparkError(f"scheduler: unknown {scheduler!r}; expected one of {MODES + ('async',)} or a callable")
         self.scheduler = scheduler

@@ -16,6 +16,7 @@ from torch import nn
 
 from dspark_plugin.draft import DraftBlock, draft_block
 from dspark_plugin.drafter import ContextCache, DSparkDrafter
+from dspark_plugin.errors import DSparkError
 from dspark_plugin.sampling import logits_to_probs, sample
 from dspark_plugin.taps import gather_taps
 from dspark_plugin.verify import verify_greedy, verify_rejection
@@ -39,18 +40,24 @@ class GenerationResult:
         return (sum(self.accepted) + len(self.accepted)) / max(len(self.accepted), 1)
 
 
+def bind_drafter(target: nn.Module, drafter: DSparkDrafter | None, gamma: int | None) -> int:
+    """Share the target's embedding / LM head with the drafter; the drafts per round (0 without one)."""
+    if drafter is None:
+        return 0
+    if drafter._embed_tokens is None:
+        drafter.attach_target(target.get_input_embeddings(), target.get_output_embeddings())
+    gamma = drafter.num_drafts if gamma is None else gamma
+    if not 1 <= gamma <= drafter.num_drafts:
+        raise DSparkError(f"gamma={gamma} must be in 1..{drafter.num_drafts} (the drafter's block)")
+    return gamma
+
+
 class ReferenceRunner:
     def __init__(self, target: nn.Module, drafter: DSparkDrafter | None = None,
                  gamma: int | None = None, verify_len_fn: VerifyLenFn | None = None):
         self.target = target.eval()
         self.drafter = drafter
-        if drafter is not None:
-            if drafter._embed_tokens is None:
-                drafter.attach_target(target.get_input_embeddings(), target.get_output_embeddings())
-            gamma = drafter.num_drafts if gamma is None else gamma
-            if not 1 <= gamma <= drafter.num_drafts:
-                raise ValueError(f"gamma={gamma} must be in 1..{drafter.num_drafts} (the drafter's block)")
-        self.gamma = gamma or 0
+        self.gamma = bind_drafter(target, drafter, gamma)
         self.verify_len_fn = verify_len_fn
 
     def _forward(self, ids: torch.Tensor, cache, start: int):

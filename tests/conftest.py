@@ -2,6 +2,9 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 # tests/tiny.py builds the tiny models every test uses.
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -11,3 +14,12 @@ from interpreted import interpreted_kernel_files  # noqa: E402
 # runs them in such a subprocess and asserts on its result, so this process does not collect them.
 if os.environ.get("TRITON_INTERPRET") != "1":
     collect_ignore_glob = [p.name for p in interpreted_kernel_files()]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny-model tests: one intra-op thread (on a shared 2-core box, two stall on tiny ops)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -18,13 +18,7 @@ def prompts(n: int, seed: int = 0, vocab: int = 90) -> list[list[int]]:
             for _ in range(n)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On the shared 2-core box, 2 intra-op threads on tiny matmuls stall for tens of ms per op.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sps(b: int) -> float:

@@ -23,13 +23,7 @@ from dspark_plugin.calibration import (
 from dspark_plugin.errors import DSparkError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On the shared 2-core box, 2 intra-op threads on tiny ops stall for tens of ms per op.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_ece_by_hand():

@@ -16,13 +16,7 @@ from dspark_plugin.scheduler import (
 from dspark_plugin.sps import SPSCurve
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On the shared 2-core box, 2 intra-op threads on tiny ops stall for tens of ms per op.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def literal_algorithm_1(a: torch.Tensor, sps, early_stop: bool = True) -> list[int]:

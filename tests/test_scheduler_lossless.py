@@ -27,13 +27,7 @@ from dspark_plugin.scheduler import (
 )
 from dspark_plugin.verify import verify_rejection
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On the shared 2-core box, 2 intra-op threads on tiny ops stall for tens of ms per op.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the paper's counter-example (one request, V = 2, gamma = 2) ----------------------------

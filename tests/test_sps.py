@@ -21,13 +21,7 @@ from dspark_plugin.sps import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On the shared 2-core box, 2 intra-op threads on tiny ops stall for tens of ms per op.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("seed", range(10))
