@@ -23,7 +23,7 @@ from torch import nn
 from dspark_plugin.draft import DraftBlock, draft_block
 from dspark_plugin.drafter import ContextCache, DSparkDrafter
 from dspark_plugin.errors import DSparkError
-from dspark_plugin.runner import GenerationResult, bind_drafter
+from dspark_plugin.runner import GenerationResult, bind_drafter, truncate
 from dspark_plugin.sampling import logits_to_probs, sample
 from dspark_plugin.scheduler import MODES, AsyncScheduler, schedule_verify_lengths
 from dspark_plugin.sps import SPSCurve, hf_verify_step, measure_sps
@@ -249,12 +249,7 @@ class BatchedRunner:
                     done[r] = True
 
         for result in out_results:
-            toks = result.tokens[:max_new_tokens]
-            for i, t in enumerate(toks):
-                if t in eos:
-                    toks = toks[: i + 1]
-                    break
-            result.tokens = toks
+            result.tokens = truncate(result.tokens, max_new_tokens, eos)
         batch.seconds = time.perf_counter() - t0
         for result in out_results:
             result.seconds = batch.seconds

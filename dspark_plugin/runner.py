@@ -40,6 +40,15 @@ class GenerationResult:
         return (sum(self.accepted) + len(self.accepted)) / max(len(self.accepted), 1)
 
 
+def truncate(tokens: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
+    """A round may overshoot: keep at most max_new_tokens, ending at the first EOS (kept)."""
+    tokens = tokens[:max_new_tokens]
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
 def bind_drafter(target: nn.Module, drafter: DSparkDrafter | None, gamma: int | None) -> int:
     """Share the target's embedding / LM head with the drafter; the drafts per round (0 without one)."""
     if drafter is None:
@@ -114,12 +123,7 @@ class ReferenceRunner:
             length += len(emitted)
             result.tokens.extend(emitted)
 
-        toks = result.tokens[:max_new_tokens]
-        for i, t in enumerate(toks):
-            if t in eos:
-                toks = toks[: i + 1]
-                break
-        result.tokens = toks
+        result.tokens = truncate(result.tokens, max_new_tokens, eos)
         result.seconds = time.perf_counter() - t0
         return result
 
