@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dspark_plugin.calibration_io import load_confidence_temperatures
 from dspark_plugin.config import CONFIG_NAME, DSparkConfig
 from dspark_plugin.drafter import DSparkDrafter
 from dspark_plugin.errors import DSparkCheckpointError, DSparkConfigError
@@ -122,7 +123,7 @@ def load_drafter(
     tensors = read_tensors(path)
     with torch.device("meta"):
         drafter = DSparkDrafter(cfg)
-    expected = {k: v for k, v in drafter_state_dict(drafter).items()}
+    expected = drafter_state_dict(drafter)
     config_file = path / CONFIG_NAME
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -171,6 +172,5 @@ def load_drafter(
         drafter.attach_target(embed, lm_head)
     drafter.requires_grad_(False)
     drafter.eval()
-    from dspark_plugin.calibration_io import load_confidence_temperatures
     drafter.confidence_temperatures = load_confidence_temperatures(path, cfg)
     return drafter
