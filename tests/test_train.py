@@ -166,3 +166,19 @@ def test_online_features_equal_cache(setup):
     assert not (s["root"] / "online3" / "act_cache").exists()
     for a, b in zip(cached, online):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
+
+
+def test_init_from_target_copies_the_last_layers(setup):
+    from dspark_plugin.train.loop import init_from_target
+
+    model = setup["model"]
+    opts = TrainOptions(target=str(setup["target"]), data=str(setup["data"]), out="unused", layers=1)
+    drafter = init_drafter(drafter_config(model.config, opts, mask_token_id=1), seed=0)
+    before = drafter.backbone.fc.weight.clone()
+    assert init_from_target(drafter, model) > 0
+    last = model.model.layers[-1]
+    layer = drafter.backbone.layers[0]
+    assert torch.equal(layer.self_attn.q_proj.weight, last.self_attn.q_proj.weight)
+    assert torch.equal(layer.mlp.down_proj.weight, last.mlp.down_proj.weight)
+    assert torch.equal(drafter.backbone.norm.weight, model.model.norm.weight)
+    assert torch.equal(drafter.backbone.fc.weight, before)  # the context projection starts fresh

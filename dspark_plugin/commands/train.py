@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="drafter directory (config.json + model.safetensors + trainer_state/)")
     p.add_argument("--head", default="vanilla", choices=["vanilla", "gated", "rnn", "none"],
                    help="sequential head; 'none' = DFlash-style baseline (CE only, no Markov/confidence head)")
+    p.add_argument("--layout", default="deepspec", choices=["deepspec", "dflash"],
+                   help="output: 'deepspec' (anchor-first, vLLM method dspark via the plugin) or 'dflash' "
+                        "(vLLM's native dflash drafter: bonus token + masks, block_size - 1 drafts; needs --head none)")
     p.add_argument("--layers", type=int, default=1, help="draft decoder layers")
     p.add_argument("--num-taps", type=int, default=5, help="tapped target layers (DSPARK.md formula)")
     p.add_argument("--block-size", type=int, default=7)
@@ -41,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--mask-token-id", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--init", default="target", choices=["target", "random"],
+                   help="draft layers start as copies of the target's last layers (default) or random")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -48,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from dspark_plugin.train.loop import TrainOptions, train
 
     opts = TrainOptions(
-        target=args.target, data=args.data, out=args.out, head=args.head, layers=args.layers,
+        target=args.target, data=args.data, out=args.out, head=args.head, layout=args.layout, layers=args.layers,
         num_taps=args.num_taps, block_size=args.block_size, markov_rank=args.markov_rank,
         confidence=not args.no_confidence, steps=args.steps, epochs=args.epochs, lr=args.lr,
         warmup=args.warmup, weight_decay=args.weight_decay, batch_size=args.batch_size,
@@ -56,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         cache=args.cache, no_cache=args.no_cache, cache_only=args.cache_only,
         extend_cache=not args.no_extend_cache, save_every=args.save_every, stop_after=args.stop_after,
         save_dtype=args.save_dtype, mask_token_id=args.mask_token_id, threads=args.threads,
-        progress=not args.no_progress,
+        progress=not args.no_progress, init=args.init,
     )
     out = train(opts)
     print(f"wrote {out}")

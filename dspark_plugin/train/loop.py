@@ -25,6 +25,9 @@ from dspark_plugin.train.loss import drafter_loss
 from dspark_plugin.train.state import load_state, save_state
 
 HEADS = ("vanilla", "gated", "rnn", "none")
+# deepspec: this package's anchor-first drafter (config.json for `method: dspark`);
+# dflash: vLLM's native `dflash` drafter (bonus token + masks, see dspark_plugin/dflash_layout.py).
+LAYOUTS = ("deepspec", "dflash")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOG_NAME = "train_log.jsonl"
 
@@ -35,6 +38,7 @@ class TrainOptions:
     data: str
     out: str
     head: str = "vanilla"
+    layout: str = "deepspec"
     layers: int = 1
     num_taps: int = 5
     block_size: int = 7
@@ -60,6 +64,7 @@ class TrainOptions:
     mask_token_id: int | None = None
     threads: int | None = None
     progress: bool = True
+    init: str = "target"              # "target": draft layers/norm start as copies of the target's last ones
 
 
 def lr_at(step: int, total: int, base: float, warmup_frac: float) -> float:
@@ -93,6 +98,8 @@ def drafter_config(target_config, opts: TrainOptions, mask_token_id: int) -> DSp
         markov_head_type="vanilla" if dflash else opts.head,
         enable_confidence_head=(not dflash) and opts.confidence,
         confidence_head_with_markov=(not dflash) and opts.markov_rank > 0,
+        # The native dflash block drafts from its masks only, each at the drafted token's position.
+        sample_from_anchor=opts.layout != "dflash",
     )
     return DSparkConfig.from_dict({k: v for k, v in raw.items() if v is not None}, source=f"{opts.target} (derived)")
 
@@ -111,6 +118,49 @@ def init_drafter(cfg: DSparkConfig, seed: int) -> DSparkDrafter:
             else:
                 p.normal_(0.0, 0.02)
     return drafter
+
+
+_LAYER_PARAMS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+
+
+def init_from_target(drafter: DSparkDrafter, target: torch.nn.Module) -> int:
+    """Start draft layer i as a copy of target layer L - n + i and the final norm as the target's.
+
+    The draft layers read the same residual stream geometry as the target's top layers, so a
+    copy starts from a working language-model layer instead of noise (EAGLE-style init); only
+    `fc`, `hidden_norm` and the heads start fresh. Weights whose shapes differ stay random.
+    Returns the number of tensors copied.
+    """
+    base = getattr(target, "model", target)
+    t_layers = getattr(base, "layers", None)
+    if t_layers is None:
+        return 0
+    d_layers = drafter.backbone.layers
+    offset = len(t_layers) - len(d_layers)
+    copied = 0
+    with torch.no_grad():
+        for i, layer in enumerate(d_layers):
+            src = t_layers[offset + i]
+            for name in _LAYER_PARAMS:
+                dst_p, src_p = _param(layer, name), _param(src, name)
+                if dst_p is not None and src_p is not None and dst_p.shape == src_p.shape:
+                    dst_p.copy_(src_p.to(dst_p.dtype))
+                    copied += 1
+        norm = getattr(base, "norm", None)
+        if norm is not None and getattr(norm, "weight", None) is not None \
+                and norm.weight.shape == drafter.backbone.norm.weight.shape:
+            drafter.backbone.norm.weight.copy_(norm.weight.to(drafter.backbone.norm.weight.dtype))
+            copied += 1
+    return copied
+
+
+def _param(module: torch.nn.Module, dotted: str) -> torch.Tensor | None:
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return getattr(module, "weight", None)
 
 
 def _default_mask_token(target_dir: str, vocab_size: int) -> int:
@@ -141,6 +191,13 @@ def train(opts: TrainOptions) -> Path:
         raise DSparkError(f"--save-dtype must be one of {', '.join(DTYPES)}, got {opts.save_dtype!r}")
     if opts.head != "none" and opts.markov_rank < 1:
         raise DSparkError(f"--head {opts.head} needs --markov-rank >= 1 (use --head none for a DFlash-style drafter)")
+    if opts.layout not in LAYOUTS:
+        raise DSparkError(f"--layout must be one of {', '.join(LAYOUTS)}, got {opts.layout!r}")
+    if opts.layout == "dflash" and opts.head != "none":
+        raise DSparkError(f"--layout dflash writes vLLM's native dflash drafter, which has no sequential or "
+                          f"confidence head: use --head none (got --head {opts.head})")
+    if opts.layout == "dflash" and opts.block_size < 2:
+        raise DSparkError(f"--layout dflash needs --block-size >= 2 (one bonus token + masks), got {opts.block_size}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     out = Path(opts.out)
@@ -169,7 +226,11 @@ def train(opts: TrainOptions) -> Path:
         if not seqs:
             raise DSparkError(f"{cache.path}: no sequence of {opts.data} is cached yet")
 
+    if opts.init not in ("target", "random"):
+        raise DSparkError(f"--init must be 'target' or 'random', got {opts.init!r}")
     drafter = init_drafter(cfg, opts.seed)
+    if opts.init == "target" and not (opts.resume and (out / "trainer_state").exists()):
+        init_from_target(drafter, target)
     drafter.attach_target(target.get_input_embeddings(), target.get_output_embeddings())
     drafter.train()
     params = [p for p in drafter.parameters() if p.requires_grad]
@@ -197,8 +258,8 @@ def train(opts: TrainOptions) -> Path:
     (out / "training_args.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
 
     perms: dict[int, torch.Tensor] = {}
-    correct = torch.zeros(cfg.block_size)
-    count = torch.zeros(cfg.block_size)
+    correct = torch.zeros(drafter.num_drafts)
+    count = torch.zeros(drafter.num_drafts)
     t0 = time.time()
     wall = float(meta.get("wall_seconds", 0.0)) if meta else 0.0
     bar = tqdm(total=total, initial=start, desc=f"train {opts.head}", unit="step", disable=not opts.progress)
@@ -213,7 +274,8 @@ def train(opts: TrainOptions) -> Path:
             else:
                 feats = target_features(target, batch_seqs, cfg.target_layer_ids)
             gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + step)
-            batch = build_batch(batch_seqs, feats, opts.anchors_per_seq, cfg.block_size, cfg.mask_token_id, gen)
+            batch = build_batch(batch_seqs, feats, opts.anchors_per_seq, cfg.block_size, cfg.mask_token_id, gen,
+                                sample_from_anchor=cfg.sample_from_anchor)
             lr = lr_at(step, total, opts.lr, opts.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -249,6 +311,9 @@ def train(opts: TrainOptions) -> Path:
 def _save(drafter: DSparkDrafter, out: Path, optimizer, step: int, total: int, opts: TrainOptions,
           wall: float) -> None:
     from dspark_plugin.checkpoint import save_drafter
+    from dspark_plugin.dflash_layout import save_native
 
-    save_drafter(drafter, out, dtype=DTYPES[opts.save_dtype])
+    # The resumable state below is layout-independent; only the served files differ.
+    save = save_native if opts.layout == "dflash" else save_drafter
+    save(drafter, out, dtype=DTYPES[opts.save_dtype])
     save_state(out, drafter, optimizer, step, {"total_steps": total, "wall_seconds": round(wall, 1)})
