@@ -5,6 +5,8 @@ Native form: the target's config plus `architectures: ["Qwen3DSparkModel"]`, `bl
 `confidence_head_with_markov`. Speculators form: `speculators_model_type: "dspark"` with the
 decoder fields under `transformer_layer_config` and the DSpark fields at the top level (or under
 `speculators_config`). `markov_rank: 0` without a confidence head is a DFlash-style drafter.
+vLLM's native `dflash` form (`DFlashDraftModel`, see `dflash_layout`) is read as a DFlash-style
+drafter with `sample_from_anchor: false` (bonus token + masks, drafts from the masks).
 """
 from __future__ import annotations
 
@@ -87,7 +89,14 @@ class DSparkConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<config>") -> "DSparkConfig":
-        flat = _flatten_speculators(raw, source) if "speculators_model_type" in raw else dict(raw)
+        from dspark_plugin.dflash_layout import flatten_native, is_native_dflash
+
+        if "speculators_model_type" in raw:
+            flat = _flatten_speculators(raw, source)
+        elif is_native_dflash(raw):  # vLLM's own dflash layout: read as a DFlash-geometry drafter
+            flat = flatten_native(raw, source)
+        else:
+            flat = dict(raw)
         return _parse(flat, source)
 
     def to_dict(self) -> dict[str, Any]:

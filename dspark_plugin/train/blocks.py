@@ -1,9 +1,12 @@
 """Many anchor blocks per sequence, trained in ONE drafter forward.
 
-For an anchor at position p the block is [x_p, MASK, ..., MASK] at positions p..p+n-1; slot j
-predicts x_{p+j+1}. Each block sees the tapped context strictly before p (exactly what the runner
-has cached when it drafts from that anchor) plus its own block, non-causally; blocks never see
-each other. That block-sparse mask lets A blocks share one pass over the context K/V.
+For an anchor at position p the block is [x_p, MASK, ..., MASK] at positions p..p+n-1. Draft j
+(j = 0, 1, ...) is always x_{p+j+1}; which slot drafts it depends on the layout: anchor-first
+(`sample_from_anchor`, DeepSpec) slot j, so n drafts; DFlash (vLLM's native `dflash`: bonus token
++ masks) slot j+1, the mask at the drafted token's own position, so n-1 drafts and the anchor
+slot is never supervised. Each block sees the tapped context strictly before p (exactly what the
+runner has cached when it drafts from that anchor) plus its own block, non-causally; blocks never
+see each other. That block-sparse mask lets A blocks share one pass over the context K/V.
 """
 from __future__ import annotations
 
@@ -21,14 +24,23 @@ class BlockBatch:
     q_tokens: torch.Tensor    # [B, A*n] anchor then mask tokens, per block
     q_pos: torch.Tensor       # [B, A*n]
     mask: torch.Tensor        # [B, 1, A*n, T + A*n] bool, True = attend
-    labels: torch.Tensor      # [B, A, n] x_{p+k}, k = 1..n
-    prev: torch.Tensor        # [B, A, n] x_{p+k-1}: teacher-forced input of the sequential head
-    valid: torch.Tensor       # [B, A, n] bool: contiguous valid prefix of each block
-    final: torch.Tensor       # [B, A, n, d] target final hidden at p+k-1 (gives p_t of x_{p+k})
+    labels: torch.Tensor      # [B, A, g] x_{p+k}, k = 1..g (g drafts per block: n or n-1)
+    prev: torch.Tensor        # [B, A, g] x_{p+k-1}: teacher-forced input of the sequential head
+    valid: torch.Tensor       # [B, A, g] bool: contiguous valid prefix of each block
+    final: torch.Tensor       # [B, A, g, d] target final hidden at p+k-1 (gives p_t of x_{p+k})
 
     @property
     def num_anchors(self) -> int:
         return self.labels.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.q_tokens.shape[1] // self.num_anchors
+
+    @property
+    def num_drafts(self) -> int:
+        """g; the drafting slots are the block's last g (all of them when anchor-first)."""
+        return self.labels.shape[2]
 
 
 def sample_anchors(seq: Sequence, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +63,10 @@ def build_batch(
     block_size: int,
     mask_token_id: int,
     generator: torch.Generator,
+    sample_from_anchor: bool = True,
 ) -> BlockBatch:
     b, a, n = len(seqs), anchors_per_seq, block_size
+    g = n if sample_from_anchor else n - 1
     width = max(len(s.ids) for s in seqs)
     md, d = feats[0][0].shape[-1], feats[0][1].shape[-1]
     ids = torch.zeros(b, width + n, dtype=torch.long)   # +n so block labels never index past the end
@@ -67,19 +81,19 @@ def build_batch(
         final[r, : len(s.ids)] = f.float()
         anchors[r], used[r] = sample_anchors(s, a, generator)
 
-    k = torch.arange(n)
-    pos = anchors[:, :, None] + k                                   # [B, A, n] slot positions
-    labels = torch.gather(ids, 1, (pos + 1).view(b, -1)).view(b, a, n)
-    prev = torch.gather(ids, 1, pos.view(b, -1)).view(b, a, n)
+    pos = anchors[:, :, None] + torch.arange(g)                     # [B, A, g] p + j: draft j is x_{p+j+1}
+    labels = torch.gather(ids, 1, (pos + 1).view(b, -1)).view(b, a, g)
+    prev = torch.gather(ids, 1, pos.view(b, -1)).view(b, a, g)
     valid = (pos + 1 < lengths[:, None, None]) & used[:, :, None]
-    fin = torch.gather(final, 1, pos.view(b, -1, 1).expand(-1, -1, d)).view(b, a, n, d)
+    fin = torch.gather(final, 1, pos.view(b, -1, 1).expand(-1, -1, d)).view(b, a, g, d)
 
     q_tokens = torch.full((b, a, n), mask_token_id, dtype=torch.long)
     q_tokens[:, :, 0] = prev[:, :, 0]  # the anchor token x_p
+    slot_pos = anchors[:, :, None] + torch.arange(n)                # [B, A, n] p..p+n-1
     ctx_pos = torch.arange(width).expand(b, width)
     ctx_mask = ctx_pos[:, None, :] < anchors.repeat_interleave(n, dim=1)[:, :, None]   # [B, A*n, T]
     block_id = torch.arange(a).repeat_interleave(n)
     blk_mask = (block_id[:, None] == block_id[None, :]).expand(b, -1, -1)          # [B, A*n, A*n]
     mask = torch.cat([ctx_mask, blk_mask], dim=-1)[:, None]
-    return BlockBatch(taps=taps, ctx_pos=ctx_pos, q_tokens=q_tokens.view(b, a * n), q_pos=pos.view(b, a * n),
+    return BlockBatch(taps=taps, ctx_pos=ctx_pos, q_tokens=q_tokens.view(b, a * n), q_pos=slot_pos.view(b, a * n),
                       mask=mask, labels=labels, prev=prev, valid=valid, final=fin)

@@ -34,12 +34,14 @@ class LossOutput:
 
 def drafter_loss(drafter: DSparkDrafter, batch: BlockBatch, ce_only: bool | None = None) -> LossOutput:
     cfg = drafter.cfg
-    b, a, n = batch.labels.shape
+    b, a, n = batch.labels.shape          # n drafts per block
     if ce_only is None:
         ce_only = cfg.is_dflash_style
     bb = drafter.backbone
     ctx_kv = bb.context_kv(batch.taps, batch.ctx_pos)
-    h = bb(drafter.embed_tokens(batch.q_tokens), batch.q_pos, ctx_kv, batch.mask).view(b, a, n, -1)
+    blk = batch.block_size
+    h = bb(drafter.embed_tokens(batch.q_tokens), batch.q_pos, ctx_kv, batch.mask).view(b, a, blk, -1)
+    h = h[:, :, blk - n:]                 # the drafting slots (DFlash layout: the masks only)
 
     valid = batch.valid
     h_v = h[valid]                                                    # [N, d]
