@@ -174,6 +174,15 @@ def device_tag(device: str | torch.device) -> str:
     return str(device)
 
 
+def engine_device_tag(device: str | torch.device, engine: str = "reference") -> str:
+    """`device_tag`, except for vLLM on CPU: its worker binds its own OpenMP threads (one per
+    usable core), so the profiling process's torch thread count says nothing about the engine's;
+    the machine's core count does, and both sides can compute it without starting an engine."""
+    if engine == "vllm" and torch.device(device).type == "cpu":
+        return f"cpu:{os.cpu_count()}cores"
+    return device_tag(device)
+
+
 def cache_key(target: str, device: str, dtype: str | torch.dtype, engine: str = "reference") -> str:
     return f"{engine}|{target}|{device}|{str(dtype).replace('torch.', '')}"
 
@@ -300,7 +309,7 @@ def find_sps_curve(
     target/device/dtype), `<drafter_dir>/dspark_sps.json` (same rule), then the default cache
     (exact key only, since it holds curves of many targets).
     """
-    key = cache_key(target_fingerprint(target_dir), device_tag(device), dtype, engine)
+    key = cache_key(target_fingerprint(target_dir), engine_device_tag(device, engine), dtype, engine)
     candidates = [Path(path)] if path is not None else []
     if drafter_dir is not None and (Path(drafter_dir) / SPS_FILE_NAME).is_file():
         candidates.append(Path(drafter_dir) / SPS_FILE_NAME)

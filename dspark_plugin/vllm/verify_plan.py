@@ -1,0 +1,143 @@
+"""Per-request verify lengths for the vLLM proposer: the engine side of DSPARK.md §1.5.
+
+Engine-free (no vLLM import) so it is unit-tested without an engine. The proposer drafts the full
+block for every request, then asks `VerifyPlanner.plan` how long a prefix of each block vLLM
+should verify; the choice itself is `dspark_plugin.scheduler` (the same code the reference
+runner uses), this module only supplies the engine's step cost and keeps statistics.
+
+Switches (read once, when the engine starts):
+- `DSPARK_SCHEDULER` = `early_stop` (Algorithm 1, lossless), `async` (budget from survivals two
+  steps old, top-K of the fresh ones) or `fixed` (scheduler off: always the full block). Unset:
+  `early_stop` when an SPS curve is found, else `fixed`.
+- `DSPARK_SPS` = an SPS JSON file (`dspark profile --engine vllm --out FILE`). Without it the
+  curve is looked up in `<drafter dir>/dspark_sps.json`, then in the default cache
+  (`sps.find_sps_curve`).
+
+Step cost. The profiled curve is the *target's* decode step time at B verified tokens; a DSpark
+step also runs the drafter, whose cost depends on the number of requests, not on B. Leaving it out
+would overstate how much a longer verify costs relative to the whole step, so the planner adds the
+drafter's measured time per step (a running mean over *earlier* steps, never the step being
+planned: the plan for a block must not depend on anything measured after its tokens were drawn).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from dspark_plugin.errors import DSparkError
+from dspark_plugin.scheduler import AsyncScheduler, prefix_survival, schedule_verify_lengths
+from dspark_plugin.sps import SPSCurve
+
+ENV_MODE = "DSPARK_SCHEDULER"
+ENV_SPS = "DSPARK_SPS"
+MODES = ("early_stop", "async", "fixed")
+DRAFT_COST_DECAY = 0.9  # running mean of the drafter's step time: recent steps weigh more
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    mode: str | None       # None: not chosen (early_stop when a curve is found, else fixed)
+    sps_path: str | None   # explicit SPS file, or None to look in the drafter dir / cache
+
+
+def settings_from_env(env: Mapping[str, str] | None = None) -> SchedulerSettings:
+    """Read DSPARK_SCHEDULER / DSPARK_SPS; a bad value is one error naming the variable."""
+    env = os.environ if env is None else env
+    mode = (env.get(ENV_MODE) or "").strip().lower() or None
+    if mode is not None and mode not in MODES:
+        raise DSparkError(f"environment variable {ENV_MODE}: {env.get(ENV_MODE)!r} is not one of {', '.join(MODES)}")
+    path = (env.get(ENV_SPS) or "").strip() or None
+    if path is not None and not os.path.isfile(path):
+        raise DSparkError(f"environment variable {ENV_SPS}: {path}: SPS file not found")
+    return SchedulerSettings(mode, path)
+
+
+def resolve_mode(requested: str | None, curve: SPSCurve | None, has_confidence: bool) -> tuple[str, str | None]:
+    """(mode to run, why it differs from the request or None). Never fails: at worst `fixed`."""
+    if requested == "fixed":
+        return "fixed", None
+    if not has_confidence:
+        return "fixed", "the drafter has no confidence head, so there is nothing to schedule on"
+    if curve is None:
+        return "fixed", ("no SPS curve found, so the full block is verified; profile one with `dspark profile "
+                         "--engine vllm --target TARGET --out DRAFTER/dspark_sps.json` or point DSPARK_SPS at one")
+    return requested or "early_stop", None
+
+
+class StepCost:
+    """SPS(B) of a whole DSpark step: 1 / (target step time at B + drafter time per step).
+
+    Offers `table(lo, hi)` like `SPSCurve`, so the scheduler evaluates it vectorised.
+    """
+
+    def __init__(self, curve: SPSCurve, draft_s: float = 0.0):
+        self.curve, self.draft_s = curve, max(0.0, float(draft_s))
+
+    def table(self, lo: int, hi: int) -> torch.Tensor:
+        return 1.0 / (1.0 / self.curve.table(lo, hi) + self.draft_s)
+
+    def __call__(self, b: int) -> float:
+        return float(self.table(int(b), int(b))[0])
+
+
+class VerifyPlanner:
+    """Verify lengths per step plus the statistics the proposer logs (mean verified length)."""
+
+    def __init__(self, mode: str, curve: SPSCurve | None, max_batch_tokens: int | None = None,
+                 log: Callable[[str], None] | None = None, log_every: int = 256):
+        if mode not in MODES:
+            raise DSparkError(f"scheduler: unknown mode {mode!r}; expected one of {MODES}")
+        if mode != "fixed" and curve is None:
+            raise DSparkError(f"scheduler: mode {mode!r} needs an SPS curve")
+        self.mode, self.curve, self.max_batch_tokens = mode, curve, max_batch_tokens
+        self._log, self.log_every = log, log_every
+        self._draft_s: float | None = None
+        self._async = AsyncScheduler(StepCost(curve), max_batch_tokens=max_batch_tokens) if mode == "async" else None
+        self.steps = 0
+        self.request_steps = 0
+        self.verified = 0
+        self.gamma = 0
+
+    def observe_draft_time(self, seconds: float) -> None:
+        """Drafter time of a finished step; used from the next plan on."""
+        if self._draft_s is None:
+            self._draft_s = seconds
+        else:
+            self._draft_s = DRAFT_COST_DECAY * self._draft_s + (1 - DRAFT_COST_DECAY) * seconds
+
+    def plan(self, confidence: torch.Tensor) -> list[int]:
+        """Verify length per request (0..gamma) from this block's confidences c [R, gamma]."""
+        R, g = confidence.shape
+        if self.mode == "fixed":
+            lengths = [g] * R
+        else:
+            sps = StepCost(self.curve, self._draft_s or 0.0)
+            survival = prefix_survival(confidence.detach().to("cpu", torch.float64))
+            if self._async is not None:
+                self._async.sps = sps
+                lengths = self._async.schedule(survival).tolist()
+            else:
+                lengths = schedule_verify_lengths(survival, sps, "early_stop",
+                                                  max_batch_tokens=self.max_batch_tokens).tolist()
+        self.record(lengths, g)
+        return lengths
+
+    def record(self, lengths: list[int], gamma: int) -> None:
+        self.steps += 1
+        self.request_steps += len(lengths)
+        self.verified += sum(lengths)
+        self.gamma = gamma
+        if self._log is not None and self.steps % self.log_every == 0:
+            self._log(self.summary())
+
+    @property
+    def mean_verified(self) -> float:
+        return self.verified / self.request_steps if self.request_steps else 0.0
+
+    def summary(self) -> str:
+        return (f"dspark-plugin scheduler: mode {self.mode}, {self.steps} draft steps, mean verified "
+                f"length {self.mean_verified:.2f} of {self.gamma} per request, mean batch "
+                f"{self.request_steps / max(1, self.steps):.1f} requests")
