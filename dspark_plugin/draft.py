@@ -24,50 +24,73 @@ class DraftBlock:
         return None if self.confidence is None else self.confidence.cumprod(dim=-1)
 
 
-def sequential_draft(
+def _fused_draft(
     drafter: DSparkDrafter,
+    base: torch.Tensor,
     h: torch.Tensor,
     anchor: torch.Tensor,
-    temperature: float | torch.Tensor = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> DraftBlock:
-    """h [B, g, d] final-normed backbone states, anchor [B] = x_0 -> a drafted block."""
+    temperature: float | torch.Tensor,
+    top_k: int,
+    greedy: bool,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Markov-head drafting through kernels.dispatch -> (tokens, probs, conf_logits, ok).
+
+    One draft_block launch where dispatch.use_block_loop says so, else one markov_step per
+    position; both compute the same block (the twin of either is the same per-step function).
+    Sampling is Gumbel-max keyed by one seed per request and block, drawn from `generator`.
+    """
     b, g, _ = h.shape
-    base = drafter.lm_head(h).float()                       # U_k for all positions at once
+    weights = HeadWeights.from_drafter(drafter)
+    temps = kernels.per_row(temperature, b, h.device, torch.float32)
+    seeds = torch.zeros(b, dtype=torch.int64, device=h.device)
+    if not greedy:
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        seeds = torch.randint(0, 2**32, (b,), generator=generator, device=gen_device).to(h.device)
+    if kernels.use_block_loop(base, top_k):
+        blk = kernels.draft_block(weights, base, h, anchor, temps, seeds, 0, top_k,
+                                  want_probs=not greedy, sample=not greedy)
+        return blk.tokens.to(anchor.dtype), blk.probs, blk.conf_logits, blk.finite.all(-1)
+    tokens = anchor.new_empty(b, g)
+    probs = None if greedy else base.new_empty(b, g, base.shape[-1])
+    conf_logits = base.new_empty(b, g) if drafter.confidence_head is not None else None
+    state = drafter.markov_head.init_state(h[:, 0])
+    prev = anchor
+    ok = torch.ones(b, dtype=torch.bool, device=h.device)
+    for k in range(g):
+        out = kernels.markov_step(weights, base[:, k], prev, h[:, k], state, temps, seeds, k,
+                                  top_k, want_probs=not greedy, sample=not greedy)
+        prev, state = out.token, out.state
+        if conf_logits is not None:
+            conf_logits[:, k] = out.conf_logit
+        if probs is not None:
+            probs[:, k] = out.probs
+        tokens[:, k] = prev
+        ok = ok & out.finite
+    return tokens, probs, conf_logits, ok
+
+
+def _loop_draft(
+    drafter: DSparkDrafter,
+    base: torch.Tensor,
+    h: torch.Tensor,
+    anchor: torch.Tensor,
+    temperature: float | torch.Tensor,
+    top_k: int,
+    top_p: float,
+    greedy: bool,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """The modules' own step loop with torch sampling -> (tokens, probs, conf_logits, ok)."""
+    b, g, _ = h.shape
     head, conf_head = drafter.markov_head, drafter.confidence_head
-    greedy = bool((torch.as_tensor(temperature) <= 0).all())
     tokens = anchor.new_empty(b, g)
     probs = None if greedy else base.new_empty(b, g, base.shape[-1])
     conf_logits = base.new_empty(b, g) if conf_head is not None else None
     state = head.init_state(h[:, 0]) if head is not None else None
     prev = anchor
     ok = torch.ones(b, dtype=torch.bool, device=h.device)
-    # Markov heads run one fused step per position: the Triton kernel on CUDA, else its PyTorch
-    # twin, which for greedy is exactly the loop below. Kernel sampling is Gumbel-max keyed by one
-    # seed per request and block, drawn from `generator`. CPU sampling, top-p and head-less
-    # drafters keep the loop below.
-    fused = head is not None and top_p >= 1.0 and (greedy or kernels.backend(base) == "triton")
-    if fused:
-        weights = HeadWeights.from_drafter(drafter)
-        temps = kernels.per_row(temperature, b, h.device, torch.float32)
-        seeds = torch.zeros(b, dtype=torch.int64, device=h.device)
-        if not greedy:
-            gen_device = generator.device if generator is not None else torch.device("cpu")
-            seeds = torch.randint(0, 2**32, (b,), generator=generator, device=gen_device).to(h.device)
     for k in range(g):
-        if fused:
-            out = kernels.markov_step(weights, base[:, k], prev, h[:, k], state, temps, seeds, k,
-                                      top_k, want_probs=not greedy, sample=not greedy)
-            prev, state = out.token, out.state
-            if conf_logits is not None:
-                conf_logits[:, k] = out.conf_logit
-            if probs is not None:
-                probs[:, k] = out.probs
-            tokens[:, k] = prev
-            ok = ok & out.finite
-            continue
         logits, w1_prev = base[:, k], None
         if head is not None:
             bias, state, w1_prev = head.step(prev, h[:, k], state)
@@ -81,6 +104,31 @@ def sequential_draft(
             prev = sample(probs[:, k], generator)
         tokens[:, k] = prev
         ok = ok & torch.isfinite(logits).all(-1)
+    return tokens, probs, conf_logits, ok
+
+
+def sequential_draft(
+    drafter: DSparkDrafter,
+    h: torch.Tensor,
+    anchor: torch.Tensor,
+    temperature: float | torch.Tensor = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> DraftBlock:
+    """h [B, g, d] final-normed backbone states, anchor [B] = x_0 -> a drafted block."""
+    g = h.shape[1]
+    base = drafter.lm_head(h).float()                       # U_k for all positions at once
+    greedy = bool((torch.as_tensor(temperature) <= 0).all())
+    # Markov heads run fused steps: the Triton kernels on CUDA, else their PyTorch twin, which for
+    # greedy is exactly the modules' loop. CPU sampling keeps the modules' loop (torch.multinomial
+    # is faster there than the twin's hash noise), as do top-p and head-less drafters.
+    fused = drafter.markov_head is not None and top_p >= 1.0 and (greedy or kernels.backend(base) == "triton")
+    if fused:
+        tokens, probs, conf_logits, ok = _fused_draft(drafter, base, h, anchor, temperature, top_k, greedy, generator)
+    else:
+        tokens, probs, conf_logits, ok = _loop_draft(drafter, base, h, anchor, temperature, top_k, top_p, greedy,
+                                                     generator)
     confidence = None
     if conf_logits is not None:
         temps = drafter.confidence_temperatures

@@ -52,6 +52,7 @@ from typing import Callable, Union
 import torch
 
 from dspark_plugin.errors import DSparkError
+from dspark_plugin.kernels import dispatch as kernels
 
 SPSFunction = Callable[[int], float]
 SPSLike = Union[SPSFunction, "SPSCurve"]  # noqa: F821 (SPSCurve lives in dspark_plugin.sps)
@@ -60,18 +61,30 @@ MODES = ("early_stop", "fixed", "full_search")
 
 
 def prefix_survival(confidence: torch.Tensor) -> torch.Tensor:
-    """a[..., j] = prod_{i <= j} c[..., i] (per-position confidences -> prefix survival)."""
-    return torch.cumprod(confidence, dim=-1)
+    """a[..., j] = prod_{i <= j} c[..., i] (per-position confidences -> prefix survival).
+
+    float32 (what the drafter emits) goes through kernels.dispatch: the Triton kernel on CUDA, its
+    twin elsewhere. The kernel computes in float32, so other dtypes (float64 for analysis and
+    tests) keep torch's cumprod in their own precision.
+    """
+    if confidence.dtype != torch.float32 or confidence.dim() == 0 or confidence.numel() == 0:
+        return torch.cumprod(confidence, dim=-1)
+    flat = confidence.reshape(-1, confidence.shape[-1])
+    return kernels.prefix_survival(flat).reshape(confidence.shape)
+
+
+def _validate(survival: torch.Tensor) -> None:
+    if not isinstance(survival, torch.Tensor) or survival.dim() != 2:
+        raise DSparkError(f"scheduler: survival must be a 2-D tensor [R, gamma], got {getattr(survival, 'shape', type(survival))}")
+    if not bool(((survival >= 0) & (survival <= 1)).all()):  # NaN fails both comparisons
+        raise DSparkError("scheduler: survival values must be finite probabilities in [0, 1]")
 
 
 def _check_survival(survival: torch.Tensor) -> torch.Tensor:
-    if not isinstance(survival, torch.Tensor) or survival.dim() != 2:
-        raise DSparkError(f"scheduler: survival must be a 2-D tensor [R, gamma], got {getattr(survival, 'shape', type(survival))}")
+    _validate(survival)
     # R * gamma values: the CPU sorts them in microseconds, and the lengths are needed on the CPU
     # (the engine's scheduler) anyway, so one device->host copy is the only sync.
     a = survival.detach().to("cpu", torch.float64)
-    if not bool(((a >= 0) & (a <= 1)).all()):  # NaN fails both comparisons
-        raise DSparkError("scheduler: survival values must be finite probabilities in [0, 1]")
     # Products of c <= 1 are already non-increasing; a caller passing survivals computed another
     # way (other dtype, rounding) gets them made non-increasing. cummin over j <= k only uses
     # a[:, :k+1], so this cannot leak information from later positions.
@@ -172,11 +185,24 @@ def unconstrained_budget(survival: torch.Tensor, sps: SPSLike) -> int:
 
 
 def top_k_verify_lengths(survival: torch.Tensor, k: int) -> torch.Tensor:
-    """Verify the k draft positions with the highest survival (prefix-preserving order)."""
-    a = _check_survival(survival)
-    R, g = a.shape
-    rows, _ = _admission_order(a)
-    return _lengths(rows, max(0, min(int(k), R * g)), R, survival.device)
+    """Verify the k draft positions with the highest survival (prefix-preserving order).
+
+    The admission order is `_admission_order`'s (a descending, ties by smaller j, then smaller r).
+    float32 and narrower survivals go through kernels.dispatch.admit_topk (the Triton kernel on
+    CUDA, its twin elsewhere), which ranks float32 keys in that very order. float64 survivals keep
+    the exact float64 sort: rounding them to float32 could merge distinct values into ties.
+    """
+    _validate(survival)
+    R, g = survival.shape
+    k = max(0, min(int(k), R * g))
+    if survival.dtype == torch.float64 or k == 0:  # k == 0 also covers an empty batch / block
+        a = _check_survival(survival)
+        rows, _ = _admission_order(a)
+        return _lengths(rows, k, R, survival.device)
+    # cummin as in _check_survival (it only looks at a[:, :j+1] for position j); "+ 0.0" turns a
+    # -0.0 into +0.0, which the packed keys would otherwise rank below +0.0.
+    a = survival.detach().float().cummin(dim=1).values + 0.0
+    return kernels.admit_topk(a, k).to(torch.long)
 
 
 class AsyncScheduler:

@@ -4,6 +4,11 @@ Greedy: accept while the draft equals the target argmax. Sampling: accept x_k wi
 min(1, p_t(x_k) / p_d(x_k)); at the first rejection resample from normalise(max(0, p_t - p_d));
 if every verified token passes, the bonus comes from p_t at the next position. Positions beyond
 `verify_len` are never looked at, so a shorter verified prefix stays lossless.
+
+Both go through kernels.dispatch: the Triton acceptance kernels on CUDA tensors, their PyTorch
+twins elsewhere. The randomness is drawn here, from the caller's generator, and handed to either
+backend as uniforms (u_accept [B, g], then u_sample [B] for the inverse-CDF draw of the
+correction / bonus token), so both backends make the same choice for the same generator state.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import dataclasses
 
 import torch
 
-from dspark_plugin.sampling import sample
+from dspark_plugin.kernels import dispatch as kernels
 
 
 @dataclasses.dataclass
@@ -27,28 +32,19 @@ class VerifyResult:
         return self.tokens[row, : int(self.num_accepted[row]) + 1].tolist()
 
 
-def _accepted_prefix(accept: torch.Tensor, verify_len: torch.Tensor) -> torch.Tensor:
-    g = accept.shape[1]
-    in_prefix = torch.arange(g, device=accept.device)[None, :] < verify_len[:, None]
-    return (accept & in_prefix).long().cumprod(dim=1).sum(dim=1)
-
-
-def _assemble(draft_tokens: torch.Tensor, n: torch.Tensor, last: torch.Tensor) -> VerifyResult:
-    b, g = draft_tokens.shape
-    j = torch.arange(g + 1, device=draft_tokens.device)[None, :]
-    padded = torch.cat([draft_tokens, draft_tokens.new_full((b, 1), -1)], dim=1)
-    tokens = torch.where(j < n[:, None], padded, torch.full_like(padded, -1))
-    tokens.scatter_(1, n[:, None], last[:, None])
-    return VerifyResult(tokens=tokens, num_accepted=n)
+def _verify_len(verify_len: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
+    # A length above g would make "stopped before verify_len" look like a rejection after the last
+    # draft (a correction drawn where a bonus belongs) and the kernels would read past the row;
+    # g means "all of them", so clamp rather than trust every caller.
+    return verify_len.to(device=draft_tokens.device, dtype=torch.int64).clamp(0, draft_tokens.shape[1])
 
 
 def verify_greedy(
     draft_tokens: torch.Tensor, target_logits: torch.Tensor, verify_len: torch.Tensor
 ) -> VerifyResult:
     """draft_tokens [B, g], target_logits [B, g+1, V] (position j predicts the token after draft j-1)."""
-    target = target_logits.argmax(dim=-1)
-    n = _accepted_prefix(draft_tokens == target[:, :-1], verify_len.to(draft_tokens.device))
-    return _assemble(draft_tokens, n, target.gather(1, n[:, None]).squeeze(1))
+    tokens, n = kernels.accept_greedy(draft_tokens, target_logits, _verify_len(verify_len, draft_tokens))
+    return VerifyResult(tokens=tokens, num_accepted=n)
 
 
 def verify_rejection(
@@ -60,20 +56,11 @@ def verify_rejection(
 ) -> VerifyResult:
     """draft_probs [B, g, V] (what each draft was sampled from), target_probs [B, g+1, V]."""
     b, g = draft_tokens.shape
-    verify_len = verify_len.to(draft_tokens.device)
-    idx = draft_tokens.clamp(min=0)[..., None]
-    p_d = draft_probs.gather(2, idx).squeeze(2)
-    p_t = target_probs[:, :g].gather(2, idx).squeeze(2)
-    u = torch.rand((b, g), generator=generator, device=draft_tokens.device)
-    n = _accepted_prefix(u * p_d < p_t, verify_len)
-
-    rows = torch.arange(b, device=draft_tokens.device)
-    pt_n = target_probs[rows, n]                                   # [B, V]
-    pd_n = draft_probs[rows, n.clamp(max=g - 1)] if g else torch.zeros_like(pt_n)
-    rejected = n < verify_len
-    residual = (pt_n - pd_n).clamp(min=0)
-    mass = residual.sum(-1, keepdim=True)
-    # p_t == p_d leaves no residual mass; rejection then has probability 0, but stay well-defined.
-    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), pt_n)
-    final = torch.where(rejected[:, None], residual, pt_n)
-    return _assemble(draft_tokens, n, sample(final, generator))
+    dev = draft_tokens.device
+    # One uniform per draft position, drawn for every position whether verified or not, so the
+    # generator advances the same way for any verify_len (acceptance of x_k uses u_k only).
+    u_accept = torch.rand((b, g), generator=generator, device=dev)
+    u_sample = torch.rand((b,), generator=generator, device=dev)
+    tokens, n = kernels.accept_rejection(draft_tokens, draft_probs, target_probs,
+                                         _verify_len(verify_len, draft_tokens), u_accept, u_sample)
+    return VerifyResult(tokens=tokens, num_accepted=n)

@@ -18,6 +18,19 @@ from dspark_plugin.kernels.markov_step import MAX_TOP_K, markov_step_torch
 from dspark_plugin.kernels.weights import HeadWeights
 
 
+# "auto" (dispatch.use_block_loop) takes the block loop only up to this vocabulary. One program
+# scans all V every step, while markov_step splits V across the GPU; the crossover has not been
+# measured (no GPU lent yet), so this is the "small vocabularies" above made concrete, a guess
+# for the GPU table to replace. DSPARK_BLOCK_LOOP=on bypasses it.
+AUTO_MAX_VOCAB = 32768
+
+
+def fits(v: int, top_k: int) -> bool:
+    """Whether the block kernel handles this vocabulary / top-k (the running top-k keys live in
+    registers, so k is capped as in markov_step)."""
+    return not (0 < top_k < v and top_k > MAX_TOP_K)
+
+
 @dataclasses.dataclass
 class BlockResult:
     tokens: torch.Tensor                # [B, g] int64

@@ -4,6 +4,9 @@ The Triton kernel runs when Triton imports, a GPU driver is active and the tenso
 CPU tensors (and machines without Triton) get the twin, which computes the same function with
 ordinary torch ops. DSPARK_FORCE_TRITON=1 (with TRITON_INTERPRET=1 on CPU) forces the kernels,
 DSPARK_DISABLE_TRITON=1 forces the twins. OPS maps each operation to (triton_fn, twin_fn).
+
+Drafting a block runs either markov_step once per position or draft_block (all gamma steps in one
+launch); use_block_loop decides, steered by DSPARK_BLOCK_LOOP=auto|on|off.
 """
 from __future__ import annotations
 
@@ -81,9 +84,9 @@ def markov_step(
     b, v = base_logits.shape
     temperature = per_row(temperature, b, base_logits.device, torch.float32)
     seeds = per_row(seeds, b, base_logits.device, torch.int64)
-    fn = _pick("markov_step", base_logits)
-    if fn is step_mod.markov_step_torch or (0 < top_k < v and top_k > step_mod.MAX_TOP_K):
-        return step_mod.markov_step_torch(w, base_logits, prev, h, state, temperature, seeds, step, top_k, want_probs)
+    fn, twin = _pick("markov_step", base_logits), OPS["markov_step"][1]
+    if fn is twin or (0 < top_k < v and top_k > step_mod.MAX_TOP_K):
+        return twin(w, base_logits, prev, h, state, temperature, seeds, step, top_k, want_probs)
     return fn(w, base_logits, prev, h, state, temperature, seeds, step, top_k, want_probs, sample=sample)
 
 
@@ -97,15 +100,55 @@ def draft_block(
     step0: int = 0,
     top_k: int = 0,
     want_probs: bool = False,
+    sample: bool | None = None,
 ) -> block_loop.BlockResult:
-    """All gamma steps at once: base_logits [B, g, V], h [B, g, d], anchor [B] (x_0)."""
+    """All gamma steps at once: base_logits [B, g, V], h [B, g, d], anchor [B] (x_0).
+
+    `sample` as in markov_step: saves the kernel path a device-to-host sync.
+    """
     b, _, v = base_logits.shape
     temperature = per_row(temperature, b, base_logits.device, torch.float32)
     seeds = per_row(seeds, b, base_logits.device, torch.int64)
-    fn = _pick("draft_block", base_logits)
-    if 0 < top_k < v and top_k > step_mod.MAX_TOP_K:
-        fn = block_loop.draft_block_torch
-    return fn(w, base_logits, h, anchor, temperature, seeds, step0, top_k, want_probs)
+    fn, twin = _pick("draft_block", base_logits), OPS["draft_block"][1]
+    if fn is twin or not block_loop.fits(v, top_k):
+        return twin(w, base_logits, h, anchor, temperature, seeds, step0, top_k, want_probs)
+    return fn(w, base_logits, h, anchor, temperature, seeds, step0, top_k, want_probs, sample=sample)
+
+
+BLOCK_LOOP_MODES = ("auto", "on", "off")
+
+
+def block_loop_mode() -> str:
+    """DSPARK_BLOCK_LOOP: auto (default), on or off."""
+    mode = os.environ.get("DSPARK_BLOCK_LOOP", "auto").strip().lower()
+    if mode not in BLOCK_LOOP_MODES:
+        raise ValueError(f"DSPARK_BLOCK_LOOP={mode!r}; expected one of {BLOCK_LOOP_MODES}")
+    return mode
+
+
+def _capturing_cuda_graph() -> bool:
+    # CPU builds of torch raise here rather than answer False.
+    try:
+        return bool(torch.cuda.is_current_stream_capturing())
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def use_block_loop(base_logits: torch.Tensor, top_k: int = 0) -> bool:
+    """Whether to draft base_logits [B, g, V] with one draft_block launch instead of g markov_steps.
+
+    off: never. on: always (CPU tensors then run draft_block's twin, the same function as the
+    per-step twin). auto: only on CUDA tensors that the Triton kernel serves, within its limits
+    (block_loop.fits, vocabulary <= block_loop.AUTO_MAX_VOCAB), and not while a CUDA graph is
+    being captured: a captured per-step loop already costs no launches and splits the vocabulary
+    across the GPU, which the one-program-per-row-block loop cannot.
+    """
+    mode = block_loop_mode()
+    if mode != "auto":
+        return mode == "on"
+    v = base_logits.shape[-1]
+    return (base_logits.is_cuda and OPS["draft_block"][0] is not None and backend(base_logits) == "triton"
+            and block_loop.fits(v, top_k) and v <= block_loop.AUTO_MAX_VOCAB and not _capturing_cuda_graph())
 
 
 def prefix_survival(conf: torch.Tensor) -> torch.Tensor:
@@ -114,11 +157,12 @@ def prefix_survival(conf: torch.Tensor) -> torch.Tensor:
 
 
 def admit_topk(survival_: torch.Tensor, budget: int) -> torch.Tensor:
-    """survival [R, g], token budget K -> verify lengths [R] covering the K largest survivals."""
-    fn = _pick("admit_topk", survival_)
+    """survival [R, g], token budget K -> verify lengths [R] covering the K largest survivals
+    (ties: smaller j, then smaller r, as dspark_plugin.scheduler._admission_order)."""
+    fn, twin = _pick("admit_topk", survival_), OPS["admit_topk"][1]
     r, g = survival_.shape
-    if fn is not survival.admit_topk_torch and r * g > survival.MAX_ADMIT_ENTRIES // 4:
-        fn = survival.admit_topk_torch
+    if r * g == 0 or r * g > survival.MAX_ADMIT_ENTRIES // 4:  # one program sorts them all
+        fn = twin
     return fn(survival_, budget)
 
 

@@ -2,9 +2,11 @@
 
 Prefix survival a_{r,j} = prod_{i<=j} c_{r,i}. Admission: given survivals a [R, g] and a token
 budget K, verify the K largest a_{r,j} across all requests. Because a is non-increasing along j
-and ties are broken towards the smaller (r, j), the admitted set is a prefix per request, so the
-result is a verify length per request. Ordering uses packed int64 keys (value, inverted flat
-index), which the kernel and the twin compute identically, so both select the very same set.
+and ties are broken towards the smaller j, then the smaller r (the order of
+dspark_plugin.scheduler._admission_order, so the scheduler's early stop and its top-K agree on
+ties), the admitted set is a prefix per request, so the result is a verify length per request.
+Ordering uses packed int64 keys (value, inverted j-major flat index j * R + r), which the kernel
+and the twin compute identically, so both select the very same set.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ def admit_topk_torch(survival: torch.Tensor, budget: int | torch.Tensor) -> torc
     k = int(budget)
     if k <= 0 or r * g == 0:
         return torch.zeros(r, dtype=torch.int64, device=survival.device)
-    gp = next_pow2(g)
-    flat = torch.arange(r, device=survival.device)[:, None] * gp + torch.arange(g, device=survival.device)[None, :]
+    # j-major: among equal values the smaller j wins, then the smaller r (any stride >= r works)
+    flat = torch.arange(g, device=survival.device)[None, :] * r + torch.arange(r, device=survival.device)[:, None]
     keys = topk_keys_torch(survival.float(), flat)
     kth = torch.topk(keys.flatten(), min(k, r * g)).values[-1]
     return (keys >= kth).sum(dim=1)
@@ -61,7 +63,7 @@ if HAVE_TRITON:
         j = tl.arange(0, G_PAD)
         mask = (rows[:, None] < R) & (j[None, :] < G)
         a = tl.load(a_ptr + rows[:, None] * G + j[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        keys = pack_keys(a, rows[:, None] * G_PAD + j[None, :])
+        keys = pack_keys(a, j[None, :] * R_PAD + rows[:, None])  # j-major ties, as the twin
         keys = tl.where(mask, keys, -9223372036854775807)
         flat = tl.sort(tl.reshape(keys, [R_PAD * G_PAD]), descending=True)
         pos = tl.arange(0, R_PAD * G_PAD)

@@ -79,3 +79,90 @@ def test_every_operation_through_dispatch(monkeypatch):
     assert sorted(set(calls)) == sorted(dispatch.OPS)
     for x, y in zip(kern_out, twin_out):
         assert torch.allclose(x.float(), y.float(), rtol=1e-5, atol=1e-6)
+
+
+class _CudaLooking:
+    """Stands in for a CUDA tensor: dispatch only asks `is_cuda` (and `shape` for the block loop)."""
+
+    is_cuda = True
+
+    def __init__(self, *shape: int):
+        self.shape = shape
+
+
+def test_selection_for_cuda_looking_and_cpu_tensors(monkeypatch):
+    """CUDA tensors (with a live driver) get every Triton kernel, CPU tensors every twin."""
+    monkeypatch.delenv("DSPARK_FORCE_TRITON", raising=False)
+    monkeypatch.delenv("DSPARK_DISABLE_TRITON", raising=False)
+    monkeypatch.setattr(dispatch, "_gpu_driver_active", lambda: True)
+    cuda, cpu = _CudaLooking(2, 3), torch.zeros(2, 3)
+    for name, (fast, twin) in dispatch.OPS.items():
+        assert dispatch._pick(name, cuda) is fast, name
+        assert dispatch._pick(name, cpu) is twin, name
+        assert dispatch._pick(name, cuda, cpu) is twin, name  # mixed devices: never the kernel
+    monkeypatch.setattr(dispatch, "_gpu_driver_active", lambda: False)
+    assert all(dispatch._pick(name, cuda) is twin for name, (_, twin) in dispatch.OPS.items())
+
+
+def test_block_loop_selection(monkeypatch):
+    """auto: one draft_block launch only for CUDA tensors the kernel serves, within its limits and
+    outside CUDA graph capture; on / off override; anything else is an error."""
+    monkeypatch.delenv("DSPARK_FORCE_TRITON", raising=False)
+    monkeypatch.delenv("DSPARK_BLOCK_LOOP", raising=False)
+    monkeypatch.setattr(dispatch, "_gpu_driver_active", lambda: True)
+    small, big = _CudaLooking(4, 7, 4096), _CudaLooking(4, 7, block_loop.AUTO_MAX_VOCAB + 1)
+    cpu = torch.zeros(4, 7, 4096)
+    assert dispatch.block_loop_mode() == "auto"
+    assert dispatch.use_block_loop(small)
+    assert dispatch.use_block_loop(small, top_k=markov_step.MAX_TOP_K)
+    assert not dispatch.use_block_loop(small, top_k=markov_step.MAX_TOP_K + 1)
+    assert not dispatch.use_block_loop(big)
+    assert not dispatch.use_block_loop(cpu)
+    monkeypatch.setenv("DSPARK_FORCE_TRITON", "1")
+    assert not dispatch.use_block_loop(cpu)  # the interpreter keeps the per-step loop under auto
+    monkeypatch.delenv("DSPARK_FORCE_TRITON")
+    monkeypatch.setattr(dispatch, "_capturing_cuda_graph", lambda: True)
+    assert not dispatch.use_block_loop(small)
+    monkeypatch.setenv("DSPARK_BLOCK_LOOP", "on")
+    assert dispatch.use_block_loop(small) and dispatch.use_block_loop(cpu) and dispatch.use_block_loop(big)
+    monkeypatch.setenv("DSPARK_BLOCK_LOOP", "off")
+    assert not dispatch.use_block_loop(small) and not dispatch.use_block_loop(cpu)
+    monkeypatch.setenv("DSPARK_BLOCK_LOOP", "sometimes")
+    with pytest.raises(ValueError, match="DSPARK_BLOCK_LOOP"):
+        dispatch.use_block_loop(small)
+
+
+def test_core_verify_and_scheduler_route_through_dispatch(monkeypatch):
+    """verify.verify_greedy / verify_rejection and scheduler.prefix_survival / top_k_verify_lengths
+    call the kernels when Triton is chosen and the twins otherwise, with the same results."""
+    from dspark_plugin.scheduler import prefix_survival, top_k_verify_lengths
+    from dspark_plugin.verify import verify_greedy, verify_rejection
+
+    calls = []
+    for name, (fast, twin) in list(dispatch.OPS.items()):
+        counted = lambda *a, _f=fast, _n=name, **kw: calls.append(_n) or _f(*a, **kw)  # noqa: E731
+        monkeypatch.setitem(dispatch.OPS, name, (counted, twin))
+    b, g, v = 3, 4, 41
+    gen = torch.Generator().manual_seed(1)
+    conf = torch.rand(b, g, generator=gen)
+    logits = torch.randn(b, g + 1, v, generator=gen)
+    tp, dp = torch.softmax(logits, -1), torch.softmax(torch.randn(b, g, v, generator=gen), -1)
+    draft = torch.multinomial(dp.view(-1, v), 1, generator=gen).view(b, g)
+    vlen = torch.tensor([4, 1, 0])
+
+    def run():
+        a = prefix_survival(conf)
+        lens = top_k_verify_lengths(a, 5)
+        rg = verify_greedy(draft, logits, vlen)
+        rr = verify_rejection(draft, dp, tp, vlen, torch.Generator().manual_seed(9))
+        return a, lens, rg.tokens, rg.num_accepted, rr.tokens, rr.num_accepted
+
+    monkeypatch.setenv("DSPARK_FORCE_TRITON", "0")
+    twin = run()
+    assert calls == []
+    monkeypatch.setenv("DSPARK_FORCE_TRITON", "1")
+    kern = run()
+    assert calls == ["prefix_survival", "admit_topk", "accept_greedy", "accept_rejection"]
+    torch.testing.assert_close(kern[0], twin[0], rtol=1e-6, atol=1e-7)
+    for x, y in zip(kern[1:], twin[1:]):
+        assert torch.equal(x, y)

@@ -134,3 +134,41 @@ def test_core_greedy_unchanged_by_the_dispatch(target):
             confs.append(drafter.confidence_head.logit(h[:, k], w1_prev).float())
     assert torch.equal(new.tokens, torch.stack(toks, 1))
     assert torch.equal(new.confidence, torch.sigmoid(torch.stack(confs, 1)))
+
+
+@pytest.mark.parametrize("head", ["vanilla", "rnn"])
+@pytest.mark.parametrize("force", ["1", "0"])
+def test_block_loop_path_equals_per_step_path(target, head, force, monkeypatch):
+    """DSPARK_BLOCK_LOOP=on (one draft_block per block) and =off (one markov_step per position)
+    draft the same block: the kernels when forced, the twins otherwise; greedy and sampled."""
+    drafter = tiny_drafter(target, head, seed=6, block_size=4)
+    drafter.confidence_temperatures = torch.tensor([1.0, 1.5, 0.8, 1.2])
+    h, anchor = _inputs(drafter, 3, seed=13)
+    calls = []
+    for name in ("markov_step", "draft_block"):
+        fast, twin = dispatch.OPS[name]
+        monkeypatch.setitem(dispatch.OPS, name, (
+            lambda *a, _f=fast, _n=name, **kw: calls.append(_n) or _f(*a, **kw),
+            lambda *a, _f=twin, _n=name + "_twin", **kw: calls.append(_n) or _f(*a, **kw)))
+    monkeypatch.setenv("DSPARK_FORCE_TRITON", force)
+    suffix = "" if force == "1" else "_twin"
+    cases = [dict(temperature=0.0), dict(temperature=0.9), dict(temperature=1.1, top_k=7)]
+    if force == "0":
+        cases = cases[:1]  # CPU sampling without the kernels keeps the modules' own loop
+    with torch.no_grad():
+        for kw in cases:
+            out = {}
+            for mode in ("on", "off"):
+                monkeypatch.setenv("DSPARK_BLOCK_LOOP", mode)
+                calls.clear()
+                out[mode] = sequential_draft(drafter, h, anchor, generator=torch.Generator().manual_seed(4), **kw)
+                want = ["draft_block" + suffix] if mode == "on" else ["markov_step" + suffix] * drafter.num_drafts
+                assert calls == want, (mode, kw)
+            on, off = out["on"], out["off"]
+            assert torch.equal(on.tokens, off.tokens) and torch.equal(on.ok, off.ok)
+            assert on.tokens.dtype == off.tokens.dtype
+            assert torch.equal(on.confidence, off.confidence)
+            if kw["temperature"] > 0:
+                assert torch.equal(on.probs, off.probs)
+            else:
+                assert on.probs is None and off.probs is None

@@ -115,6 +115,19 @@ def test_ties_and_prefixes():
     assert top_k_verify_lengths(a, 0).tolist() == [0, 0]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_top_k_float32_through_dispatch_matches_float64_order(seed):
+    """float32 survivals go through kernels.dispatch.admit_topk (its twin on CPU); float64 keep the
+    exact sort. Both must admit the same prefixes, ties across and within rows included."""
+    gen = torch.Generator().manual_seed(seed)
+    R, g = int(torch.randint(2, 9, (1,), generator=gen)), int(torch.randint(1, 8, (1,), generator=gen))
+    conf = (torch.randint(1, 5, (R, g), generator=gen) / 4).float()  # few distinct values: many ties
+    a = prefix_survival(conf)
+    assert a.dtype == torch.float32
+    for k in range(R * g + 2):
+        assert top_k_verify_lengths(a, k).tolist() == top_k_verify_lengths(a.double(), k).tolist()
+
+
 def test_load_shrinks_verification():
     a = prefix_survival(torch.full((16, 7), 0.8))
     light = schedule_verify_lengths(a[:1], lambda b: 1.0 / (1.0 + 0.02 * b))
