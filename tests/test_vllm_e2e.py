@@ -68,18 +68,12 @@ def spec_config(drafter: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def plain_server(target, tmp_path_factory):
-    server = VllmServer(target, tmp_path_factory.mktemp("plain") / "server.log", None, SERVE_ARGS,
-                        env=vllm_env(VLLM_PLUGINS="dspark"))
-    with server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def dspark_server(target, drafter_and_prompts, tmp_path_factory):
+    """The plugin with the confidence scheduler off (full block every step), whatever SPS curves
+    the machine's cache holds."""
     drafter, _ = drafter_and_prompts
     server = VllmServer(target, tmp_path_factory.mktemp("dspark") / "server.log", spec_config(drafter),
-                        SERVE_ARGS, env=vllm_env(VLLM_PLUGINS="dspark"))
+                        SERVE_ARGS, env=vllm_env(VLLM_PLUGINS="dspark", DSPARK_SCHEDULER="fixed"))
     with server:
         yield server
 
@@ -92,8 +86,11 @@ def greedy(server: VllmServer, prompt_ids: list[int]) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def plain_outputs(plain_server, drafter_and_prompts):
-    return [greedy(plain_server, p) for p in drafter_and_prompts[1]]
+def plain_outputs(target, drafter_and_prompts, tmp_path_factory):
+    """Target-only greedy completions; the server stops right after (one engine fewer in memory)."""
+    with VllmServer(target, tmp_path_factory.mktemp("plain") / "server.log", None, SERVE_ARGS,
+                    env=vllm_env(VLLM_PLUGINS="dspark")) as server:
+        return [greedy(server, p) for p in drafter_and_prompts[1]]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +105,66 @@ def test_greedy_completions_identical_to_plain_server(plain_outputs, dspark_run)
     assert len(outputs) >= 10
     mismatches = [i for i, (a, b) in enumerate(zip(plain_outputs, outputs)) if a != b]
     assert mismatches == [], f"prompts {mismatches} differ"
+
+
+def spec_delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    return after.get(f"vllm:spec_decode_{name}", 0.0) - before.get(f"vllm:spec_decode_{name}", 0.0)
+
+
+def test_fixed_mode_verifies_the_full_block(dspark_run, dspark_server):
+    _, before, after = dspark_run
+    drafts = spec_delta(before, after, "num_drafts")
+    assert drafts > 0
+    assert spec_delta(before, after, "num_draft_tokens") == 7 * drafts
+    assert "dspark-plugin scheduler: fixed (requested fixed)" in dspark_server.log_tail(10**7)
+
+
+# Step time linear in the verified tokens B, half a one-token step per extra token: steep enough
+# that a block is worth verifying only as far as its survival stays high, so lengths vary.
+STEEP_SPS = {"batch_sizes": [1, 64], "sps": [25.0, 25.0 / (1 + 0.5 * 63)]}
+
+
+@pytest.fixture(scope="module")
+def scheduler_run(target, drafter_and_prompts, tmp_path_factory):
+    """The confidence scheduler on (early stop) with a steep SPS curve given through DSPARK_SPS:
+    greedy outputs, /metrics before and after, one sampled completion, the server log."""
+    from dspark_plugin.sps import SPSCurve
+
+    drafter, prompts = drafter_and_prompts
+    tmp = tmp_path_factory.mktemp("scheduler")
+    sps = tmp / "sps.json"
+    SPSCurve.from_dict(STEEP_SPS).save(sps, "steep")
+    server = VllmServer(target, tmp / "server.log", spec_config(drafter), SERVE_ARGS,
+                        env=vllm_env(VLLM_PLUGINS="dspark", DSPARK_SCHEDULER="early_stop", DSPARK_SPS=str(sps)))
+    with server:
+        before = server.metrics()
+        outputs = [greedy(server, p) for p in prompts]
+        after = server.metrics()
+        sampled = server.post("/v1/completions", {"model": "target", "prompt": prompts[0], "max_tokens": 48,
+                                                  "temperature": 1.0, "seed": 1})
+    return {"outputs": outputs, "before": before, "after": after, "sampled": sampled, "log": server.log_tail(10**7)}
+
+
+def test_scheduler_greedy_identical_and_verifies_less_than_the_block(plain_outputs, scheduler_run):
+    outputs, before, after = scheduler_run["outputs"], scheduler_run["before"], scheduler_run["after"]
+    assert len(outputs) >= 10
+    mismatches = [i for i, (a, b) in enumerate(zip(plain_outputs, outputs)) if a != b]
+    assert mismatches == [], f"prompts {mismatches} differ with the scheduler on"
+    assert "dspark-plugin scheduler: mode early_stop" in scheduler_run["log"]
+    drafts, tokens = spec_delta(before, after, "num_drafts"), spec_delta(before, after, "num_draft_tokens")
+    # Request-steps that emitted tokens: each emits its accepted drafts + 1.
+    steps = (after["vllm:generation_tokens"] - before.get("vllm:generation_tokens", 0.0)
+             - spec_delta(before, after, "num_accepted_tokens"))
+    print(f"scheduler: {tokens:.0f} draft tokens verified in {drafts:.0f} verifying steps of {steps:.0f} "
+          f"request-steps: {tokens / max(drafts, 1):.2f} per verifying step, {tokens / steps:.2f} per request-step")
+    assert drafts > 0, "the scheduler verified nothing at all"
+    assert tokens / drafts < 7, "the scheduler verified the full block every step"
+
+
+def test_scheduler_sampling_request_completes(scheduler_run):
+    choice = scheduler_run["sampled"]["choices"][0]
+    assert choice["finish_reason"] in ("length", "stop")
+    assert scheduler_run["sampled"]["usage"]["completion_tokens"] > 0
 
 
 def test_metrics_show_drafts_and_acceptance(dspark_run):

@@ -16,6 +16,13 @@ non-causal attention metadata and the one block forward. Two things differ from 
 
 A step whose draft raises or is non-finite proposes nothing (an empty [B, 0] block): the
 scheduler then verifies no drafts and the target decodes one token, so output stays exact.
+
+**Verify lengths.** The full block is always drafted; with the confidence scheduler on
+(`verify_plan`: DSPARK_SCHEDULER, an SPS curve) `propose` returns one list of draft tokens per
+request, cut to the length the core scheduler chose. V1 accepts that (ngram does the same): the
+runner hands the lists to vLLM's scheduler, which schedules exactly those per-request counts, and
+slices each request's row of the [B, n] draft probabilities to its count. With async scheduling
+(CUDA) the runner's overlap path needs a [B, n] tensor, so there the full block is verified.
 """
 from __future__ import annotations
 
@@ -28,8 +35,11 @@ from vllm.logger import init_logger
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from dspark_plugin.draft import DraftBlock, sequential_draft
+from dspark_plugin.vllm.verify_plan import VerifyPlanner, resolve_mode, settings_from_env
 
-logger = init_logger("dspark_plugin.vllm.proposer")
+# Under the "vllm." namespace: vLLM configures handlers for its own loggers only, so INFO lines of
+# any other logger (the scheduler mode at start-up, the periodic statistics) would be dropped.
+logger = init_logger("vllm.dspark_plugin.proposer")
 TIMING_EVERY = 256  # draft steps between "where the time goes" log lines
 
 
@@ -65,7 +75,38 @@ class DSparkProposer(DFlashProposer):
         self.last_confidence: torch.Tensor | None = None   # [B, gamma] c_k of the last step
         self.last_req_ids: list[str] | None = None
         self.num_failed_steps = 0
+        self.num_failed_plans = 0
         self._timing = {"steps": 0, "backbone_s": 0.0, "head_s": 0.0}
+        self._last_draft_s = 0.0
+        self.planner = self._make_planner(vllm_config, runner)
+
+    def _make_planner(self, vllm_config: Any, runner: Any) -> VerifyPlanner:
+        """The verify-length policy, chosen once at start-up (a bad setting refuses to start)."""
+        from dspark_plugin.sps import find_sps_curve
+
+        spec = vllm_config.speculative_config
+        settings = settings_from_env()
+        drafter_cfg = spec.draft_model_config.hf_config
+        has_conf = bool(getattr(drafter_cfg, "enable_confidence_head", False))
+        curve = None
+        if settings.mode != "fixed" and has_conf:
+            model_cfg = vllm_config.model_config
+            curve = find_sps_curve(str(model_cfg.model), str(spec.draft_model_config.model),
+                                   path=settings.sps_path, device=self.device, dtype=model_cfg.dtype,
+                                   engine="vllm")
+        mode, why = resolve_mode(settings.mode, curve, has_conf)
+        if mode != "fixed" and runner is not None and getattr(runner, "use_async_scheduling", False):
+            # The runner's async path copies drafts as one [B, n] tensor; per-request lists break it.
+            mode, why = "fixed", "async scheduling needs a fixed [B, n] draft block"
+        if mode == "fixed":
+            logger.info("dspark-plugin scheduler: fixed (requested %s): verifying the full block%s",
+                        settings.mode or "default", f"; {why}" if why else "")
+        else:
+            logger.info("dspark-plugin scheduler: mode %s, SPS curve over B = %d..%d (%s)", mode,
+                        curve.batch_sizes[0], curve.batch_sizes[-1], curve.meta.get("key", "no key"))
+        max_tokens = getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None)
+        return VerifyPlanner(mode, curve if mode != "fixed" else None, max_batch_tokens=max_tokens,
+                             log=logger.info, log_every=TIMING_EVERY)
 
     # -- geometry --------------------------------------------------------------------------
     @property
@@ -119,6 +160,7 @@ class DSparkProposer(DFlashProposer):
         return sampling_metadata.temperature[:batch].float()
 
     def _record_timing(self, backbone_s: float, head_s: float) -> None:
+        self._last_draft_s = backbone_s + head_s
         t = self._timing
         t["steps"] += 1
         t["backbone_s"] += backbone_s
@@ -150,7 +192,7 @@ class DSparkProposer(DFlashProposer):
         mm_embed_inputs: Any = None,
         num_rejected_tokens_gpu: torch.Tensor | None = None,
         slot_mappings: Any = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | list[list[int]]:
         self._last_draft_probs = None
         self.last_confidence = None
         batch = common_attn_metadata.batch_size()
@@ -178,4 +220,26 @@ class DSparkProposer(DFlashProposer):
         self.last_confidence = block.confidence
         if self._runner is not None:
             self.last_req_ids = list(self._runner.input_batch.req_ids[:batch])
-        return block.tokens[:, :n].contiguous()
+        tokens = block.tokens[:, :n].contiguous()
+        return self._verify_prefixes(tokens, block.confidence)
+
+    def _verify_prefixes(self, tokens: torch.Tensor, confidence: torch.Tensor | None) -> torch.Tensor | list[list[int]]:
+        """The drafts vLLM verifies: the [B, n] block (fixed) or each request's scheduled prefix."""
+        planner = self.planner
+        n = tokens.shape[1]
+        if planner.mode == "fixed" or confidence is None:
+            planner.record([n] * tokens.shape[0], n)
+            return tokens
+        try:
+            lengths = planner.plan(confidence[:, :n])
+        except Exception:  # noqa: BLE001 - a scheduler bug must cost speed, not the request
+            self.num_failed_plans += 1
+            if self.num_failed_plans == 1 or self.num_failed_plans % 100 == 0:  # not once per step
+                logger.exception("dspark-plugin: verify-length scheduling failed (%d steps so far); "
+                                 "verifying the full block", self.num_failed_plans)
+            planner.record([n] * tokens.shape[0], n)
+            return tokens
+        finally:  # this step's draft time informs the *next* plan only
+            planner.observe_draft_time(self._last_draft_s)
+        rows = tokens.tolist()
+        return [row[:length] for row, length in zip(rows, lengths)]
