@@ -122,6 +122,8 @@ class ReferenceRunner:
             emitted = self._speculative_round(anchor, length, cache, ctx, temperature, top_k, top_p, gen, result)
             length += len(emitted)
             result.tokens.extend(emitted)
+            if any(t in eos for t in emitted):  # an EOS accepted mid-block ends the request too
+                break
 
         result.tokens = truncate(result.tokens, max_new_tokens, eos)
         result.seconds = time.perf_counter() - t0

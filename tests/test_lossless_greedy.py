@@ -45,6 +45,29 @@ def test_greedy_with_eos_stops_like_target():
         assert a.tokens == b.tokens and a.tokens[-1] in eos and len(a.tokens) <= 11
 
 
+def test_eos_accepted_mid_block_ends_the_request():
+    """An EOS that arrives as an accepted draft (not as the last token of a round) must end
+    generation: rounds after it would emit nothing the user sees yet still count in tau."""
+    target = tiny_target("qwen3", init=0.3)
+    drafter = tiny_drafter(target, "vanilla")
+    found = 0
+    for prompt in PROMPTS:
+        free = ReferenceRunner(target, drafter, gamma=7).generate(prompt, 64)
+        pos = 1  # tokens[0] comes from the prefill; round i then emits accepted[i] + 1 tokens
+        for i, n_acc in enumerate(free.accepted):
+            mid = [j for j in range(pos, pos + n_acc) if free.tokens[j] not in free.tokens[:j]]
+            if mid:
+                eos = {free.tokens[mid[0]]}
+                spec = ReferenceRunner(target, drafter, gamma=7).generate(prompt, 64, eos_token_ids=eos)
+                plain = ReferenceRunner(target).generate(prompt, 64, eos_token_ids=eos)
+                assert spec.tokens == plain.tokens == free.tokens[: mid[0] + 1]
+                assert spec.accepted == free.accepted[: i + 1]  # no round after the EOS
+                found += 1
+                break
+            pos += n_acc + 1
+    assert found >= 3, "too few accepted drafts to turn into an EOS: the test would not test anything"
+
+
 def test_nan_drafter_falls_back_to_plain_decoding():
     target = tiny_target(init=0.3)
     drafter = tiny_drafter(target, "vanilla")
