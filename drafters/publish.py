@@ -9,15 +9,18 @@ checkpoint of a run that is still going.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = ROOT / "work_cache" / "drafter_runs"
+# Where the training script put its runs and log, and how it was called (env overrides).
+RUNS = Path(os.environ.get("RUNS", ROOT / "work_cache" / "drafter_runs"))
+TRAIN_LOG = Path(os.environ.get("TRAIN_LOG", ROOT / "work_cache" / "train_drafters.log"))
 OUT = ROOT / "drafters"
-SCRIPT = "TOTAL=250 ROUND=125 drafters/train_smollm2.sh"
+SCRIPT = os.environ.get("TRAIN_COMMAND", "TOTAL=250 ROUND=125 drafters/train_smollm2.sh")
 
 KIND = {
     "vanilla": "DSpark drafter, vanilla Markov head (rank {rank}) + confidence head",
@@ -55,7 +58,7 @@ def _cached_lines(cache: Path) -> set[int]:
 def _rounds() -> list[tuple[int, int]]:
     """(up-to step, sequences) per lockstep round, from the training script's log."""
     import re
-    log = ROOT / "work_cache" / "train_drafters.log"
+    log = TRAIN_LOG
     if not log.exists():
         return []
     return [(int(a), int(b)) for a, b in re.findall(r"round up to step (\d+) on the first (\d+) sequences", log.read_text())]
@@ -111,8 +114,10 @@ def publish(name: str) -> Path:
                f"--out work_cache/drafter_runs/{name} {head_flags} --layers {args['layers']} "
                f"--num-taps {args['num_taps']} --block-size {args['block_size']} --steps {args['steps']} "
                f"--lr {args['lr']} --batch-size {args['batch_size']} --anchors-per-seq {args['anchors_per_seq']} "
-               f"--seed {args['seed']} --save-dtype {args['save_dtype']}")
+               f"--seed {args['seed']} --save-dtype {args['save_dtype']} --init {args.get('init', 'random')}")
     done = state["step"] >= state["total_steps"]
+    init_text = ("; draft layer and final norm start as copies of the target's last layer and norm"
+                 if args.get("init") == "target" else "; random init")
     card = f"""# {name}
 
 {KIND["native-dflash" if layout == "dflash" else head].format(rank=cfg.markov_rank)} for **SmolLM2-135M-Instruct**
@@ -132,7 +137,7 @@ def publish(name: str) -> Path:
 - Recipe (DSPARK.md §2): {args['batch_size']} sequences x {args['anchors_per_seq']} anchors per step, anchors among
   response positions, valid-prefix supervision, teacher-forced sequential head,
   {'CE only' if head == 'none' else '0.1 CE + 0.9 L1(p_draft, p_target) + 1.0 BCE(confidence)'} with exp(-(k-1)/4)
-  position weights; AdamW lr {args['lr']}, 4% warm-up + cosine, grad clip 1.0, seed {args['seed']}.
+  position weights; AdamW lr {args['lr']}, 4% warm-up + cosine, grad clip 1.0, seed {args['seed']}{init_text}.
 - Final training loss {sum(r['loss'] for r in last) / len(last):.3f}; teacher-forced top-1 accuracy per block position
   (last {len(last)} steps): {' / '.join(f'{a:.2f}' for a in acc)}.
 
