@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     parser.add_argument("--batch-sizes", default=None, help="comma-separated B values (default: 1..256 in ~14 steps)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timings per B, the fastest is kept (default 3; 4 with --engine vllm)")
+                        help="timings per B, the fastest is kept (default 3; with --engine vllm, per pass of 2)")
     parser.add_argument("--context-len", type=int, default=None,
                         help="context tokens under each step (default 64; 32 prompt tokens with --engine vllm)")
     parser.add_argument("--force", action="store_true", help="measure again even if the file has this entry")
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         if args.device != "cpu":
             raise DSparkError(f"--device: --engine vllm profiles the engine on its own device; got {args.device!r}")
         curve, cached = profile_vllm_target(args.target, out, batch_sizes=sizes if args.batch_sizes else VLLM_BATCH_SIZES,
-                                            dtype=args.dtype, repeats=args.repeats or 4,
+                                            dtype=args.dtype, repeats=args.repeats or 3,
                                             context_len=args.context_len or 32, force=args.force)
     else:
         curve, cached = profile_hf_target(args.target, out, batch_sizes=sizes, dtype=getattr(torch, args.dtype),

