@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from vllm_serving import prompt_sets, settled_metrics, shipped, stream_chat  # noqa: E402
+from vllm_serving import prompt_sets, settled_metrics, shipped, started, stream_chat  # noqa: E402
 
 from dspark_plugin.vllm.serving import VllmServer  # noqa: E402
 from dspark_plugin.vllm.testing import vllm_env  # noqa: E402
@@ -193,14 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in names:
         server = server_for(name, args, sps, out / f"server-{name}.log")
-        t0 = time.perf_counter()
-        try:
-            server.start(timeout=1200)
-        except (RuntimeError, TimeoutError) as e:
-            result["failed"][name] = f"server failed to start: {str(e)[-500:]}"
-            print(f"[{name}] server failed to start, see {server.log_path}", flush=True)
+        if not started(server, name, result, "failed"):
             continue
-        result["startup_s"][name] = time.perf_counter() - t0
         try:
             stream_chat(server.url, "Hello", 8)  # lazy initialisation stays out of the first measurement
             for c in args.concurrency:

@@ -91,6 +91,19 @@ def prompt_sets(n: int) -> dict[str, list[str]]:
             "gsm8k": read_prompts(DATA / "gsm8k_test.jsonl", limit=n)}
 
 
+def started(server: VllmServer, name: str, result: dict[str, Any], failed_key: str) -> bool:
+    """Start one benchmark server; record its start-up time, or why it did not come up."""
+    t0 = time.perf_counter()
+    try:
+        server.start(timeout=1200)
+    except (RuntimeError, TimeoutError) as e:
+        result[failed_key][name] = f"server failed to start: {str(e)[-500:]}"
+        print(f"[{name}] server failed to start, see {server.log_path}", flush=True)
+        return False
+    result["startup_s"][name] = time.perf_counter() - t0
+    return True
+
+
 def stream_chat(url: str, prompt: str, max_tokens: int) -> dict[str, float]:
     """One streaming greedy chat request: TTFT, total latency, output tokens."""
     body = {"model": "target", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
@@ -248,14 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         server = VllmServer(args.target, out / f"server-{name}.log", spec,
                             ["--max-model-len", str(args.max_model_len), "--max-num-seqs",
                              str(max(args.concurrency)), *args.extra_args.split()])
-        t0 = time.perf_counter()
-        try:
-            server.start(timeout=1200)
-        except (RuntimeError, TimeoutError) as e:
-            result["skipped"][name] = f"server failed to start: {str(e)[-500:]}"
-            print(f"[{name}] server failed to start, see {server.log_path}", flush=True)
+        if not started(server, name, result, "skipped"):
             continue
-        result["startup_s"][name] = time.perf_counter() - t0
         try:
             # One short request first, so lazy initialisation does not land in the first measurement.
             stream_chat(server.url, "Hello", 8)
