@@ -180,6 +180,12 @@ def test_cli_writes_temperatures_that_the_drafter_loads(trained, capsys):
 
     argv = ["calibrate", "--target", str(trained["target_dir"]), "--drafter", str(drafter_dir),
             "--data", str(trained["root"] / "heldout_prompts.jsonl"), "--limit", "16", "--max-new-tokens", "24"]
+    # Without --force the file is written only when the held-out ECE improves.
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("wrote" in out) == calib.exists() and ("wrote" in out or "not written: mean held-out ECE" in out)
+    calib.unlink(missing_ok=True)
+    argv.append("--force")
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "ECE before" in out and "wrote" in out

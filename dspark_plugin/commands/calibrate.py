@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bins", type=int, default=15, help="ECE bins")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true",
+                        help="write the temperatures even when they do not lower the held-out ECE")
     parser.add_argument("--dry-run", action="store_true", help="print the report, write nothing")
 
 
@@ -62,6 +64,14 @@ def run(args: argparse.Namespace) -> int:
               f"{r['predicted_after']:11.4f} {r['ece_before']:12.4f} {r['ece_after']:10.4f} {r['auc_before']:12.4f} "
               f"{r['auc_after']:10.4f}")
     if args.dry_run:
+        return 0
+    before = sum(r["ece_before"] for r in report) / len(report)
+    after = sum(r["ece_after"] for r in report) / len(report)
+    if held is not fit and after >= before and not args.force:
+        # A confidence head trained with the BCE term is often calibrated already; temperatures
+        # that do worse on prompts they were not fitted on would only mislead the scheduler.
+        print(f"not written: mean held-out ECE {before:.4f} -> {after:.4f} does not improve "
+              f"(--force writes it anyway)")
         return 0
     # JSON has no NaN: an AUC is undefined when a position never (or always) survives.
     report = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in report]
