@@ -20,13 +20,11 @@ Writes results.json, summary.md and (with matplotlib) scheduler.png to --out.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import datetime as dt
 import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from vllm_serving import prompt_sets, settled_metrics, shipped, started, stream_chat  # noqa: E402
+from vllm_serving import prompt_sets, shipped, started, stream_chat, timed_load  # noqa: E402
 
 from dspark_plugin.vllm.serving import VllmServer  # noqa: E402
 from dspark_plugin.vllm.testing import vllm_env  # noqa: E402
@@ -69,12 +67,7 @@ def spec_stats(before: dict[str, float], after: dict[str, float], requests: int)
 
 
 def run_load(server: VllmServer, prompts: list[str], concurrency: int, max_tokens: int) -> dict[str, Any]:
-    before = settled_metrics(server)
-    start = time.perf_counter()
-    with cf.ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda p: stream_chat(server.url, p, max_tokens), prompts))
-    wall = time.perf_counter() - start
-    after = settled_metrics(server)
+    results, wall, before, after = timed_load(server, prompts, concurrency, max_tokens)
     tokens = sum(r["tokens"] for r in results)
     return {"requests": len(results), "output_tokens": tokens, "wall_s": wall,
             "output_tokens_per_s": tokens / wall, **spec_stats(before, after, len(results))}

@@ -142,13 +142,19 @@ def settled_metrics(server: VllmServer, timeout: float = 20.0) -> dict[str, floa
     return last
 
 
-def run_load(server: VllmServer, prompts: list[str], concurrency: int, max_tokens: int) -> dict[str, Any]:
+def timed_load(server: VllmServer, prompts: list[str], concurrency: int,
+               max_tokens: int) -> tuple[list[dict[str, float]], float, dict[str, float], dict[str, float]]:
+    """Stream every prompt at `concurrency` -> (per-request results, wall s, /metrics before, after)."""
     before = settled_metrics(server)
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(lambda p: stream_chat(server.url, p, max_tokens), prompts))
     wall = time.perf_counter() - start
-    after = settled_metrics(server)
+    return results, wall, before, settled_metrics(server)
+
+
+def run_load(server: VllmServer, prompts: list[str], concurrency: int, max_tokens: int) -> dict[str, Any]:
+    results, wall, before, after = timed_load(server, prompts, concurrency, max_tokens)
     tokens = sum(r["tokens"] for r in results)
     tpot = [(r["latency"] - r["ttft"]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1]
     return {
