@@ -54,10 +54,14 @@ def markov_step_torch(
     """PyTorch twin (and CPU path): the same ops as heads.*.step + draft.sequential_draft."""
     w1_prev = F.embedding(prev, w.w1)
     z, new_state = latent_torch(w, w1_prev, h.to(w1_prev.dtype), state)
-    logits = base_logits.float() + F.linear(z.to(w.w2.dtype), w.w2).float()
+    # W2 @ z^T, not z @ W2^T: for the few rows of a decode batch, CPU BLAS runs the [V, r] x [r, B]
+    # form several times faster (measured: 0.7 vs 2.7 ms at B = 4, V = 49152, r = 64).
+    logits = base_logits.float() + (w.w2 @ z.to(w.w2.dtype).t()).t().float()
     conf = confidence_torch(w, h, w1_prev)
     token, logprob, probs = sample_epilogue_torch(logits, temperature, seeds, step, top_k, want_probs)
-    return StepResult(token, logprob, conf, probs, new_state, torch.isfinite(logits).all(-1))
+    # A row sum is non-finite iff some logit is (or, harmlessly, if it overflows): one cheap reduction
+    # instead of an elementwise isfinite over [B, V].
+    return StepResult(token, logprob, conf, probs, new_state, torch.isfinite(logits.sum(-1)))
 
 
 if HAVE_TRITON:
