@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true",
                    help="tiny check: concurrency 1 and 4, 4 requests of 16 tokens, --enforce-eager, a 4-point SPS curve")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "vllm_scheduler"))
+    p.add_argument("--rerun", action="store_true",
+                   help="keep the other configurations of <out>/results.json and replace only the --only ones "
+                        "(e.g. one disturbed by other load)")
     args = p.parse_args(argv)
     if args.smoke:
         args.concurrency, args.prompts, args.max_tokens, args.max_model_len = [1, 4], 4, 16, 1024
@@ -184,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         "sps": str(sps), "max_tokens": args.max_tokens, "greedy": True, "runs": {}, "startup_s": {},
         "failed": {}, "proposer_log": {},
     }
+    if args.rerun and (out / "results.json").is_file():
+        old = json.loads((out / "results.json").read_text())
+        for key in ("runs", "startup_s", "failed", "proposer_log"):
+            result[key] = {k: v for k, v in old.get(key, {}).items() if k not in names}
+        result["reruns"] = [*old.get("reruns", []), {"command": result["command"], "date": result["date"],
+                                                      "configs": names}]
+        result["command"], result["date"] = old["command"], old["date"]
     for name in names:
         server = server_for(name, args, sps, out / f"server-{name}.log")
         if not started(server, name, result, "failed"):

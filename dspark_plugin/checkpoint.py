@@ -22,6 +22,22 @@ from dspark_plugin.errors import DSparkCheckpointError, DSparkConfigError
 
 WEIGHTS_NAME = "model.safetensors"
 _SHARED = ("embed_tokens.weight", "lm_head.weight")
+D2T = "d2t"  # EAGLE-3 / vLLM convention: target id = draft id + d2t[draft id]
+
+
+def draft_to_target_ids(d2t: torch.Tensor, cfg: DSparkConfig, file: Path | str) -> torch.Tensor:
+    """Validate a `d2t` tensor against the config -> target ids [draft_vocab_size] (int64)."""
+    n = cfg.draft_vocab
+    if tuple(d2t.shape) != (n,):
+        raise DSparkCheckpointError(file, D2T, f"shape {tuple(d2t.shape)} != ({n},) (draft_vocab_size)")
+    if d2t.is_floating_point() or d2t.is_complex() or d2t.dtype == torch.bool:
+        raise DSparkCheckpointError(file, D2T, f"dtype {d2t.dtype} is not an integer type")
+    ids = d2t.long() + torch.arange(n)
+    if int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size:
+        raise DSparkCheckpointError(file, D2T, f"maps outside the target vocabulary [0, {cfg.vocab_size})")
+    if torch.unique(ids).numel() != n:
+        raise DSparkCheckpointError(file, D2T, "maps two draft ids to the same target token")
+    return ids
 
 
 def drafter_state_dict(drafter: DSparkDrafter) -> dict[str, torch.Tensor]:
@@ -45,6 +61,12 @@ def save_drafter(
     if include_embeddings:
         tensors["embed_tokens.weight"] = drafter.embed_tokens.weight
         tensors["lm_head.weight"] = drafter.lm_head.weight
+    if drafter.cfg.pruned_vocab:  # the draft-space LM head and d2t are the drafter's own (vLLM's reader too)
+        ids = drafter.draft_to_target
+        if ids is None:
+            raise ValueError("a pruned-vocabulary drafter needs draft_to_target to be saved")
+        tensors["lm_head.weight"] = drafter.lm_head.weight
+        tensors[D2T] = ids.long() - torch.arange(ids.numel(), device=ids.device)
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
                for k, v in tensors.items()}
     if include_embeddings and tensors["embed_tokens.weight"].data_ptr() == tensors["lm_head.weight"].data_ptr():
@@ -129,7 +151,7 @@ def load_drafter(
     if missing:
         raise DSparkCheckpointError(path / WEIGHTS_NAME, missing[0],
                                     f"missing (and {len(missing) - 1} more)" if len(missing) > 1 else "missing")
-    unexpected = sorted(set(tensors) - set(expected) - set(_SHARED))
+    unexpected = sorted(set(tensors) - set(expected) - set(_SHARED) - {D2T, "t2d"})
     if unexpected:
         raise DSparkCheckpointError(tensors[unexpected[0]][1], unexpected[0],
                                     f"unexpected for this config ({config_file}: markov_head_type="
@@ -142,12 +164,20 @@ def load_drafter(
                                                     f"from {config_file}")
         if not tensor.is_floating_point():
             raise DSparkCheckpointError(file, name, f"dtype {tensor.dtype} is not floating point")
+    draft_ids = None
+    if cfg.pruned_vocab:
+        for name in (D2T, "lm_head.weight"):
+            if name not in tensors:
+                raise DSparkCheckpointError(path / WEIGHTS_NAME, name, f"required with draft_vocab_size="
+                                                                       f"{cfg.draft_vocab} in {config_file}")
+        draft_ids = draft_to_target_ids(tensors[D2T][0], cfg, tensors[D2T][1])
     for name in _SHARED:
         if name in tensors:
             tensor, file = tensors[name]
-            if tuple(tensor.shape) != (cfg.vocab_size, cfg.hidden_size):
+            rows = cfg.draft_vocab if name == "lm_head.weight" else cfg.vocab_size
+            if tuple(tensor.shape) != (rows, cfg.hidden_size):
                 raise DSparkCheckpointError(file, name, f"shape {tuple(tensor.shape)} != "
-                                                        f"({cfg.vocab_size}, {cfg.hidden_size}) from {config_file}")
+                                                        f"({rows}, {cfg.hidden_size}) from {config_file}")
 
     if dtype is None:
         dtype = next(target.parameters()).dtype if target is not None else tensors[next(iter(expected))][0].dtype
@@ -162,7 +192,7 @@ def load_drafter(
     if "embed_tokens.weight" in tensors:
         embed = nn.Embedding.from_pretrained(tensors["embed_tokens.weight"][0].to(dtype), freeze=True).to(device or "cpu")
     if "lm_head.weight" in tensors:
-        lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False).to(device=device or "cpu", dtype=dtype)
+        lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab, bias=False).to(device=device or "cpu", dtype=dtype)
         lm_head.weight.data.copy_(tensors["lm_head.weight"][0])
         lm_head.requires_grad_(False)
     if target is not None:
@@ -173,4 +203,6 @@ def load_drafter(
     drafter.requires_grad_(False)
     drafter.eval()
     drafter.confidence_temperatures = load_confidence_temperatures(path, cfg)
+    if draft_ids is not None:
+        drafter.draft_to_target = draft_ids.to(device or "cpu")
     return drafter

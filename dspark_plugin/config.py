@@ -50,6 +50,7 @@ class DSparkConfig:
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 32768
     target_hidden_size: int | None = None
+    draft_vocab_size: int | None = None   # < vocab_size: a pruned draft vocabulary (d2t tensor)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     source: str = "<config>"
 
@@ -61,6 +62,15 @@ class DSparkConfig:
     @property
     def is_dflash_style(self) -> bool:
         return not self.has_markov and not self.enable_confidence_head
+
+    @property
+    def draft_vocab(self) -> int:
+        """Rows of the drafter's LM head and Markov W2: the target's vocabulary unless pruned."""
+        return self.draft_vocab_size or self.vocab_size
+
+    @property
+    def pruned_vocab(self) -> bool:
+        return self.draft_vocab < self.vocab_size
 
     @property
     def num_taps(self) -> int:
@@ -121,6 +131,10 @@ class DSparkConfig:
         out.pop("rope_parameters", None)  # rope_theta above is the single source of truth
         if self.target_hidden_size is not None:
             out["target_hidden_size"] = self.target_hidden_size
+        if self.pruned_vocab:
+            out["draft_vocab_size"] = self.draft_vocab_size
+        else:
+            out.pop("draft_vocab_size", None)
         return out
 
     def save(self, path: str | Path) -> None:
@@ -223,8 +237,16 @@ def _parse(raw: dict[str, Any], source: str) -> DSparkConfig:
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         raise DSparkConfigError(source, "hidden_act", f"only 'silu' is supported, got {act!r}")
-    if raw.get("draft_vocab_size") not in (None, vocab):
-        raise DSparkConfigError(source, "draft_vocab_size", "a reduced draft vocabulary (d2t) is not supported yet")
+    draft_vocab = raw.get("draft_vocab_size")
+    if draft_vocab is not None:
+        draft_vocab = _int(raw, "draft_vocab_size", source, minimum=1)
+        if draft_vocab > vocab:
+            raise DSparkConfigError(source, "draft_vocab_size", f"{draft_vocab} exceeds vocab_size={vocab}")
+        if draft_vocab == vocab:
+            draft_vocab = None
+        elif rank == 0:
+            raise DSparkConfigError(source, "draft_vocab_size",
+                                    "a pruned draft vocabulary needs a Markov head (markov_rank > 0)")
     target_hidden = raw.get("target_hidden_size")
     if target_hidden is not None:
         target_hidden = _int(raw, "target_hidden_size", source, minimum=1)
@@ -256,6 +278,7 @@ def _parse(raw: dict[str, Any], source: str) -> DSparkConfig:
         rope_theta=_rope_theta(raw, source),
         max_position_embeddings=_int(raw, "max_position_embeddings", source, default=32768, minimum=1),
         target_hidden_size=target_hidden,
+        draft_vocab_size=draft_vocab,
         extra=extra,
         source=source,
     )

@@ -47,7 +47,8 @@ def _fused_draft(
     seeds = torch.zeros(b, dtype=torch.int64, device=h.device)
     if not greedy:
         seeds = row_seeds(b, generator, h.device)
-    if kernels.use_block_loop(base, top_k):
+    ids = getattr(drafter, "draft_to_target", None)
+    if ids is None and kernels.use_block_loop(base, top_k):  # the block kernel feeds draft ids back itself
         blk = kernels.draft_block(weights, base, h, anchor, temps, seeds, 0, top_k,
                                   want_probs=not greedy, sample=not greedy)
         return blk.tokens.to(anchor.dtype), blk.probs, blk.conf_logits, blk.finite.all(-1)
@@ -60,7 +61,7 @@ def _fused_draft(
     for k in range(g):
         out = kernels.markov_step(weights, base[:, k], prev, h[:, k], state, temps, seeds, k,
                                   top_k, want_probs=not greedy, sample=not greedy)
-        prev, state = out.token, out.state
+        prev, state = (out.token if ids is None else ids[out.token]), out.state
         if conf_logits is not None:
             conf_logits[:, k] = out.conf_logit
         if probs is not None:
@@ -84,6 +85,7 @@ def _loop_draft(
     """The modules' own step loop with torch sampling -> (tokens, probs, conf_logits, ok)."""
     b, g, _ = h.shape
     head, conf_head = drafter.markov_head, drafter.confidence_head
+    ids = getattr(drafter, "draft_to_target", None)
     tokens = anchor.new_empty(b, g)
     probs = None if greedy else base.new_empty(b, g, base.shape[-1])
     conf_logits = base.new_empty(b, g) if conf_head is not None else None
@@ -102,6 +104,8 @@ def _loop_draft(
         else:
             probs[:, k] = logits_to_probs(logits, temperature, top_k, top_p)
             prev = sample(probs[:, k], generator)
+        if ids is not None:  # draft id -> target id: W1 and the verifier read target ids
+            prev = ids[prev]
         tokens[:, k] = prev
         ok = ok & torch.isfinite(logits).all(-1)
     return tokens, probs, conf_logits, ok
@@ -116,7 +120,12 @@ def sequential_draft(
     top_p: float = 1.0,
     generator: Generators = None,
 ) -> DraftBlock:
-    """h [B, g, d] final-normed backbone states, anchor [B] = x_0 -> a drafted block."""
+    """h [B, g, d] final-normed backbone states, anchor [B] = x_0 -> a drafted block.
+
+    With a pruned draft vocabulary (`drafter.draft_to_target`), the LM head and Markov bias score
+    only those tokens; drafted tokens come back as target ids and draft probabilities over the
+    target's vocabulary (zero outside the subset), which rejection sampling accepts as they are.
+    """
     g = h.shape[1]
     base = drafter.lm_head(h).float()                       # U_k for all positions at once
     greedy = bool((torch.as_tensor(temperature) <= 0).all())
@@ -129,6 +138,10 @@ def sequential_draft(
     else:
         tokens, probs, conf_logits, ok = _loop_draft(drafter, base, h, anchor, temperature, top_k, top_p, greedy,
                                                      generator)
+    ids = getattr(drafter, "draft_to_target", None)
+    if probs is not None and ids is not None:  # draft-space distributions -> the target's vocabulary
+        full = probs.new_zeros(*probs.shape[:-1], drafter.target_vocab_size)
+        probs = full.index_copy_(-1, ids, probs)
     confidence = None
     if conf_logits is not None:
         temps = drafter.confidence_temperatures

@@ -79,6 +79,9 @@ class DSparkDrafter(nn.Module):
         self.confidence_head = build_confidence_head(cfg)
         # Per-position confidence temperatures from calibration (None = identity).
         self.confidence_temperatures: torch.Tensor | None = None
+        # Pruned draft vocabulary (cfg.draft_vocab_size < vocab_size): draft id -> target id [Vd].
+        # The LM head and Markov W2 then score only those tokens; None = the full vocabulary.
+        self.draft_to_target: torch.Tensor | None = None
         self.__dict__["_embed_tokens"] = None
         self.__dict__["_lm_head"] = None
 
@@ -104,6 +107,10 @@ class DSparkDrafter(nn.Module):
     def num_drafts(self) -> int:
         """gamma: anchor-first blocks predict from every slot, DFlash layout from the masks only."""
         return self.cfg.block_size if self.cfg.sample_from_anchor else self.cfg.block_size - 1
+
+    @property
+    def target_vocab_size(self) -> int:
+        return self.cfg.vocab_size
 
     @property
     def dtype(self) -> torch.dtype:

@@ -14,12 +14,12 @@ State = torch.Tensor | None
 
 
 class VanillaMarkovHead(nn.Module):
-    """B_k = W2 . W1[x_{k-1}]."""
+    """B_k = W2 . W1[x_{k-1}]. W1 reads target token ids; W2 writes the (possibly pruned) draft vocabulary."""
 
-    def __init__(self, vocab_size: int, rank: int, hidden_size: int):
+    def __init__(self, vocab_size: int, rank: int, hidden_size: int, draft_vocab_size: int | None = None):
         super().__init__()
         self.markov_w1 = nn.Embedding(vocab_size, rank)
-        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
+        self.markov_w2 = nn.Linear(rank, draft_vocab_size or vocab_size, bias=False)
 
     def init_state(self, h: torch.Tensor) -> State:
         return None
@@ -37,8 +37,8 @@ class VanillaMarkovHead(nn.Module):
 class GatedMarkovHead(VanillaMarkovHead):
     """B_k = W2(sigmoid(gate_proj([h_k; W1[x_{k-1}]])) * W1[x_{k-1}])."""
 
-    def __init__(self, vocab_size: int, rank: int, hidden_size: int):
-        super().__init__(vocab_size, rank, hidden_size)
+    def __init__(self, vocab_size: int, rank: int, hidden_size: int, draft_vocab_size: int | None = None):
+        super().__init__(vocab_size, rank, hidden_size, draft_vocab_size)
         self.gate_proj = nn.Linear(hidden_size + rank, rank)
 
     def latent(self, w1_prev, h, state):
@@ -48,8 +48,8 @@ class GatedMarkovHead(VanillaMarkovHead):
 class RNNHead(VanillaMarkovHead):
     """z = [s; W1[x_{k-1}]; h]; gate/candidate/output = joint_proj(z); B_k = W2(tanh(O))."""
 
-    def __init__(self, vocab_size: int, rank: int, hidden_size: int):
-        super().__init__(vocab_size, rank, hidden_size)
+    def __init__(self, vocab_size: int, rank: int, hidden_size: int, draft_vocab_size: int | None = None):
+        super().__init__(vocab_size, rank, hidden_size, draft_vocab_size)
         self.joint_proj = nn.Linear(2 * rank + hidden_size, 3 * rank)
 
     def init_state(self, h: torch.Tensor) -> State:
@@ -67,7 +67,7 @@ HEADS = {"vanilla": VanillaMarkovHead, "gated": GatedMarkovHead, "rnn": RNNHead}
 def build_markov_head(cfg: DSparkConfig) -> VanillaMarkovHead | None:
     if not cfg.has_markov:
         return None
-    return HEADS[cfg.markov_head_type](cfg.vocab_size, cfg.markov_rank, cfg.hidden_size)
+    return HEADS[cfg.markov_head_type](cfg.vocab_size, cfg.markov_rank, cfg.hidden_size, cfg.draft_vocab)
 
 
 class ConfidenceHead(nn.Module):

@@ -267,6 +267,22 @@ def test_offline_llm_api_matches_plain_server(target, drafter_and_prompts, plain
     assert 1 + m["vllm:spec_decode_num_accepted_tokens"] / m["vllm:spec_decode_num_drafts"] > 1.5
 
 
+def test_pruned_draft_vocabulary_serves_identically(target, drafter_and_prompts, plain_outputs, tmp_path):
+    """`dspark prune-vocab` output (draft_vocab_size + d2t) through vLLM's reader and the V1 proposer."""
+    drafter, prompts = drafter_and_prompts
+    data = CACHE / "data.jsonl"
+    if not data.is_file():
+        pytest.skip("DSPARK_E2E_DRAFTER is set: no training data to count tokens on")
+    pruned = tmp_path / "pruned"
+    subprocess.run([sys.executable, "-m", "dspark_plugin.cli", "prune-vocab", "--target", str(target),
+                    "--drafter", str(drafter), "--data", str(data), "--size", "4096", "--out", str(pruned)],
+                   check=True)
+    result = run_offline(target, pruned, prompts, tmp_path)
+    assert result["outputs"] == plain_outputs
+    m = result["metrics"]
+    assert 1 + m["vllm:spec_decode_num_accepted_tokens"] / m["vllm:spec_decode_num_drafts"] > 1.5
+
+
 def test_non_finite_drafts_fall_back_to_plain_decoding(target, drafter_and_prompts, plain_outputs, tmp_path):
     """A drafter producing NaN: every step proposes nothing, output is still the target's."""
     import shutil

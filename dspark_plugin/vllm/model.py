@@ -49,6 +49,8 @@ class HeadView:
         self.markov_head = model.model.markov_head
         self.confidence_head = model.model.confidence_head
         self.confidence_temperatures = model.confidence_temperatures
+        self.draft_to_target = model.draft_target_ids()   # None unless the draft vocabulary is pruned
+        self.target_vocab_size = model.dspark_config.vocab_size
 
 
 class DSparkQwen3ForCausalLM(Qwen3DSparkForCausalLM):
@@ -87,6 +89,17 @@ class DSparkQwen3ForCausalLM(Qwen3DSparkForCausalLM):
     # -- the core's view ---------------------------------------------------------------------
     def head_view(self) -> HeadView:
         return HeadView(self)
+
+    def draft_target_ids(self) -> torch.Tensor | None:
+        """Target token id of each draft id (vLLM keeps d2t offsets); None for a full vocabulary."""
+        d2t = getattr(self, "draft_id_to_target_id", None)
+        if d2t is None:
+            return None
+        cached = self.__dict__.get("_draft_target_ids")
+        if cached is None:  # weights are loaded after __init__: built on first use
+            cached = d2t.data.long() + torch.arange(d2t.numel(), device=d2t.device)
+            self.__dict__["_draft_target_ids"] = cached
+        return cached
 
     @property
     def num_drafts(self) -> int:

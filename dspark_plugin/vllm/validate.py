@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from dspark_plugin.checkpoint import _SHARED, WEIGHTS_NAME, _weight_files, check_against_target, drafter_state_dict
+from dspark_plugin.checkpoint import _SHARED, D2T, WEIGHTS_NAME, _weight_files, check_against_target, \
+    drafter_state_dict
 from dspark_plugin.config import DSparkConfig
 from dspark_plugin.drafter import DSparkDrafter
 from dspark_plugin.errors import DSparkCheckpointError, DSparkConfigError
@@ -61,6 +62,12 @@ def validate_drafter_dir(
                                     f"unexpected for {cfg.source} (markov_head_type={cfg.markov_head_type!r}, "
                                     f"markov_rank={cfg.markov_rank}, enable_confidence_head="
                                     f"{cfg.enable_confidence_head})")
+    if cfg.pruned_vocab:  # vLLM's reader needs the draft-space LM head and the d2t map in the file
+        expected = {**expected, D2T: (cfg.draft_vocab,), "lm_head.weight": (cfg.draft_vocab, cfg.hidden_size)}
+        for name in (D2T, "lm_head.weight"):
+            if name not in found:
+                raise DSparkCheckpointError(path / WEIGHTS_NAME, name,
+                                            f"required with draft_vocab_size={cfg.draft_vocab} in {cfg.source}")
     for name, shape in expected.items():
         got, _, file = found[name]
         if got != shape:
