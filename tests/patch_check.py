@@ -1,0 +1,21 @@
+"""Apply a diff from patches/ to copies of the installed vLLM files it touches (no pytest import)."""
+from __future__ import annotations
+
+import py_compile
+import shutil
+import subprocess
+from pathlib import Path
+
+
+def apply_to_copy(patch: Path, rel: str, workdir: Path) -> str:
+    """`git apply --check`, then apply, `patch` to a copy of site-packages' `rel`; -> patched text."""
+    import vllm
+
+    root = Path(vllm.__file__).resolve().parents[1]
+    (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(root / rel, workdir / rel)
+    check = subprocess.run(["git", "apply", "--check", "-v", str(patch)], cwd=workdir, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    subprocess.run(["git", "apply", str(patch)], cwd=workdir, check=True)
+    py_compile.compile(str(workdir / rel), doraise=True)
+    return (workdir / rel).read_text()
