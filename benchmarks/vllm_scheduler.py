@@ -110,12 +110,13 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, by_c in result["runs"].items():
-        pts = sorted((int(c), r) for c, r in by_c.items())
-        ax1.plot([c for c, _ in pts], [r["output_tokens_per_s"] for _, r in pts], marker="o", label=name)
+    for name in [n for n in CONFIGS if n in result["runs"]]:  # one colour per configuration in both panels
+        color = f"C{CONFIGS.index(name)}"
+        pts = sorted((int(c), r) for c, r in result["runs"][name].items())
+        ax1.plot([c for c, _ in pts], [r["output_tokens_per_s"] for _, r in pts], marker="o", label=name, color=color)
         ver = [(c, r["mean_verified_length"]) for c, r in pts if r.get("mean_verified_length") is not None]
         if ver and name != "no-spec":
-            ax2.plot(*zip(*ver), marker="o", label=name)
+            ax2.plot(*zip(*ver), marker="o", label=name, color=color)
     for ax, ylabel in ((ax1, "output tokens/s"), (ax2, "mean verified drafts per request-step")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
