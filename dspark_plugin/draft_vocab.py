@@ -59,10 +59,10 @@ def select_draft_vocab(counts: Counter, size: int, vocab_size: int, keep: Iterab
 def prune_drafter(drafter_dir: str | Path, target_lm_head: torch.Tensor, ids: torch.Tensor,
                   out_dir: str | Path) -> Path:
     """Write a copy of a full-vocabulary drafter restricted to the target ids `ids`."""
-    from dspark_plugin.checkpoint import WEIGHTS_NAME, load_drafter, save_drafter
+    from dspark_plugin.checkpoint import load_drafter, save_drafter
 
     drafter_dir, out_dir = Path(drafter_dir), Path(out_dir)
-    drafter = load_drafter(drafter_dir, dtype=torch.float32)
+    drafter = load_drafter(drafter_dir)  # in the dtype it is stored in, which the copy keeps
     cfg = drafter.cfg
     if cfg.pruned_vocab:
         raise DSparkError(f"{drafter_dir / 'config.json'}: draft_vocab_size: the drafter is pruned already")
@@ -77,25 +77,12 @@ def prune_drafter(drafter_dir: str | Path, target_lm_head: torch.Tensor, ids: to
     head.markov_w2 = torch.nn.Linear(w2.shape[1], w2.shape[0], bias=False)
     head.markov_w2.weight.data.copy_(w2)
     lm = torch.nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
-    lm.weight.data.copy_(target_lm_head.detach()[ids].float())
+    lm.weight.data.copy_(target_lm_head.detach()[ids])
     drafter.attach_target(None, lm)
     drafter.draft_to_target = ids
-    saved_dtype = _stored_dtype(drafter_dir / WEIGHTS_NAME) or torch.float32
-    save_drafter(drafter, out_dir, dtype=saved_dtype)
+    save_drafter(drafter, out_dir, dtype=drafter.dtype)
     for extra in ("dspark_calibration.json", "dspark_sps.json"):  # position-wise, vocabulary-free
         if (drafter_dir / extra).is_file():
             shutil.copy(drafter_dir / extra, out_dir / extra)
     return out_dir
 
-
-def _stored_dtype(file: Path) -> torch.dtype | None:
-    from safetensors import safe_open
-
-    if not file.is_file():
-        return None
-    with safe_open(str(file), framework="pt") as f:
-        for name in f.keys():
-            t = f.get_slice(name)
-            kind = str(t.get_dtype())
-            return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(kind)
-    return None
