@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -22,6 +23,8 @@ import torch
 from dspark_plugin.errors import DSparkError
 
 DEFAULT_BINS = 15
+OBJECTIVES = ("ece", "nll")
+DATA_KEYS = ("conf_logits", "accept_prob", "request")
 
 
 def default_grid() -> torch.Tensor:
@@ -77,18 +80,30 @@ def calibrated_survival(conf_logits: torch.Tensor, temperatures: Sequence[float]
     return torch.sigmoid(z).cumprod(-1)
 
 
+def _nll(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of predictions [G, N] against (soft) labels [N] -> [G]."""
+    p = pred.clamp(1e-12, 1 - 1e-12)
+    y = label.double()
+    return -(y * p.log() + (1 - y) * (1 - p).log()).mean(-1)
+
+
 def fit_sequential_temperatures(
     conf_logits: torch.Tensor,
     survival_labels: torch.Tensor,
     grid: torch.Tensor | None = None,
     n_bins: int = DEFAULT_BINS,
+    objective: str = "ece",
 ) -> list[float]:
     """T_1..T_gamma by sequential temperature scaling.
 
     conf_logits [N, gamma]: raw confidence-head logits z_k; survival_labels [N, gamma]: observed
-    probability (or 0/1 outcome) that drafts 1..k were all accepted. On an exact tie in ECE the
+    probability (or 0/1 outcome) that drafts 1..k were all accepted. On an exact tie the
     temperature closest to 1 wins, so a calibrated head keeps T = 1.
+    objective: what each T_k minimises for the cumulative product: "ece" (the paper's binned
+    calibration error) or "nll" (its log loss: smooth in T, so less fitting noise on few blocks).
     """
+    if objective not in OBJECTIVES:
+        raise DSparkError(f"calibration: unknown objective {objective!r}; expected one of {OBJECTIVES}")
     if conf_logits.dim() != 2 or conf_logits.shape != survival_labels.shape:
         raise DSparkError(f"calibration: conf_logits {tuple(conf_logits.shape)} and labels "
                           f"{tuple(survival_labels.shape)} must both be [N, gamma]")
@@ -102,7 +117,7 @@ def fit_sequential_temperatures(
     closeness = grid.log().abs()
     for k in range(z.shape[1]):
         cand = prev[None, :] * torch.sigmoid(z[None, :, k] / grid[:, None])   # [G, N]
-        scores = ece(cand, labels[:, k], n_bins)
+        scores = ece(cand, labels[:, k], n_bins) if objective == "ece" else _nll(cand, labels[:, k])
         best = scores.min()
         tied = (scores <= best + 1e-12).nonzero().squeeze(1)
         i = int(tied[closeness[tied].argmin()])
@@ -226,3 +241,67 @@ def split_by_request(data: CalibrationData, holdout: float, seed: int = 0) -> tu
     n_hold = min(len(reqs) - 1, max(1, round(holdout * len(reqs))))
     held = torch.isin(data.request, perm[:n_hold])
     return data.select(~held), data.select(held)
+
+
+def mean_ece(data: CalibrationData, temperatures: Sequence[float] | None, n_bins: int = DEFAULT_BINS) -> float:
+    """ECE of the cumulative survival averaged over the block positions."""
+    pred, labels = calibrated_survival(data.conf_logits, temperatures), data.survival_labels
+    return float(sum(ece(pred[:, k], labels[:, k], n_bins) for k in range(pred.shape[1])) / pred.shape[1])
+
+
+def cross_validate(data: CalibrationData, holdout: float, splits: int, seed: int = 0, n_bins: int = DEFAULT_BINS,
+                   objective: str = "ece") -> dict:
+    """Held-out mean ECE before/after over `splits` random prompt splits (fit on one side, score
+    the other): one split's ECE difference is within its own noise on a few thousand blocks; the
+    mean over splits, and how many splits improve, say whether the scaling helps."""
+    if splits < 1 or not 0 < holdout < 1:
+        raise DSparkError(f"calibration: cross-validation needs splits >= 1 and 0 < holdout < 1 (got {splits}, {holdout})")
+    before, after = [], []
+    for i in range(splits):
+        fit, held = split_by_request(data, holdout, seed + i)
+        temps = fit_sequential_temperatures(fit.conf_logits, fit.survival_labels, n_bins=n_bins, objective=objective)
+        before.append(mean_ece(held, None, n_bins))
+        after.append(mean_ece(held, temps, n_bins))
+    b, a = torch.tensor(before, dtype=torch.float64), torch.tensor(after, dtype=torch.float64)
+    return {"splits": splits, "holdout": holdout, "objective": objective,
+            "ece_before_mean": float(b.mean()), "ece_after_mean": float(a.mean()),
+            "ece_before_sd": float(b.std()) if splits > 1 else 0.0, "ece_after_sd": float(a.std()) if splits > 1 else 0.0,
+            "splits_improved": int((a < b).sum()), "ece_before": before, "ece_after": after}
+
+
+def save_calibration_data(data: CalibrationData, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """The decoded blocks (safetensors), so a fit can be redone without decoding again; `metadata`
+    (strings) records how they were decoded (sampling temperature, drafter, prompts)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"conf_logits": data.conf_logits.double().contiguous(), "accept_prob": data.accept_prob.double().contiguous(),
+               "request": data.request.long().contiguous()}, str(path), metadata=metadata)
+    return path
+
+
+def load_calibration_data(path: str | Path) -> tuple[CalibrationData, dict[str, str]]:
+    """(blocks, metadata) saved by `save_calibration_data`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DSparkError(f"{path}: calibration data file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            missing = [k for k in DATA_KEYS if k not in f.keys()]
+            if missing:
+                raise DSparkError(f"{path}: key {missing[0]!r}: missing from the calibration data")
+            t = {k: f.get_tensor(k) for k in DATA_KEYS}
+            meta = dict(f.metadata() or {})
+    except DSparkError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt file gets one clear error
+        raise DSparkError(f"{path}: not a safetensors calibration data file ({e})") from None
+    z, acc, req = t["conf_logits"], t["accept_prob"], t["request"]
+    if z.dim() != 2 or acc.shape != z.shape:
+        raise DSparkError(f"{path}: key 'accept_prob': shape {tuple(acc.shape)} must equal conf_logits {tuple(z.shape)} ([N, gamma])")
+    if req.shape != (z.shape[0],):
+        raise DSparkError(f"{path}: key 'request': shape {tuple(req.shape)} must be [{z.shape[0]}]")
+    return CalibrationData(z, acc, req), meta

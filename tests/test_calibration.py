@@ -14,10 +14,14 @@ from dspark_plugin.calibration import (
     auc,
     calibrated_survival,
     collect_calibration_data,
+    cross_validate,
     default_grid,
     ece,
     fit_sequential_temperatures,
+    load_calibration_data,
+    mean_ece,
     position_report,
+    save_calibration_data,
     split_by_request,
 )
 from dspark_plugin.errors import DSparkError
@@ -70,6 +74,50 @@ def test_fit_recovers_known_temperatures_and_lowers_held_out_ece():
         assert r["ece_after"] < 0.02 + r["ece_before"] * 0.5 or r["ece_after"] < 0.01
         # A per-position temperature keeps the first position's ranking exactly.
     assert report[0]["auc_after"] == pytest.approx(report[0]["auc_before"])
+
+
+def test_log_loss_objective_recovers_known_temperatures_too():
+    scales = [3.0, 0.5, 2.0]
+    data = synthetic(6000, scales, seed=1)
+    temps = fit_sequential_temperatures(data.conf_logits, data.survival_labels, objective="nll")
+    for t, s in zip(temps, scales):
+        assert t == pytest.approx(s, rel=0.1), (temps, scales)
+    with pytest.raises(DSparkError, match="unknown objective 'brier'"):
+        fit_sequential_temperatures(data.conf_logits, data.survival_labels, objective="brier")
+
+
+def test_cross_validation_sees_a_real_miscalibration_and_not_a_calibrated_head():
+    mis = synthetic(4000, [2.0, 2.0, 2.0], seed=7)
+    cv = cross_validate(mis, 0.5, splits=4)
+    assert cv["splits_improved"] == 4 and cv["ece_after_mean"] < 0.5 * cv["ece_before_mean"]
+    assert cv["ece_before"][0] == pytest.approx(mean_ece(split_by_request(mis, 0.5, 0)[1], None))
+    calibrated = synthetic(4000, [1.0, 1.0, 1.0], seed=8)
+    cv = cross_validate(calibrated, 0.5, splits=4, objective="nll")
+    assert abs(cv["ece_after_mean"] - cv["ece_before_mean"]) < 0.01  # nothing to fix: fitting noise only
+    with pytest.raises(DSparkError, match="splits >= 1"):
+        cross_validate(mis, 0.5, splits=0)
+
+
+def test_calibration_data_round_trip_and_bad_files(tmp_path):
+    data = synthetic(50, [1.0, 2.0], seed=9)
+    path = save_calibration_data(data, tmp_path / "blocks.safetensors", {"temperature": "0.0"})
+    back, meta = load_calibration_data(path)
+    assert meta["temperature"] == "0.0"
+    assert torch.equal(back.conf_logits, data.conf_logits) and torch.equal(back.request, data.request)
+    from safetensors.torch import save_file
+
+    save_file({"conf_logits": torch.zeros(3, 2), "accept_prob": torch.zeros(3, 2)}, str(tmp_path / "no_req.safetensors"))
+    with pytest.raises(DSparkError, match=r"no_req.safetensors: key 'request': missing"):
+        load_calibration_data(tmp_path / "no_req.safetensors")
+    save_file({"conf_logits": torch.zeros(3, 2), "accept_prob": torch.zeros(3, 3), "request": torch.zeros(3)},
+              str(tmp_path / "bad.safetensors"))
+    with pytest.raises(DSparkError, match=r"bad.safetensors: key 'accept_prob': shape \(3, 3\)"):
+        load_calibration_data(tmp_path / "bad.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DSparkError, match="junk.safetensors: not a safetensors calibration data file"):
+        load_calibration_data(tmp_path / "junk.safetensors")
+    with pytest.raises(DSparkError, match="calibration data file not found"):
+        load_calibration_data(tmp_path / "missing.safetensors")
 
 
 def test_fit_on_binary_outcomes_also_works():
@@ -204,6 +252,19 @@ def test_cli_writes_temperatures_that_the_drafter_loads(trained, capsys):
     c_cal = sequential_draft(cal, h, anchor).confidence.double()
     expect = torch.sigmoid((torch.log(c_raw) - torch.log1p(-c_raw)) / torch.tensor(temps, dtype=torch.float64))
     assert torch.allclose(c_cal, expect, atol=1e-4)
+
+    # Decoded blocks saved once, then refitted with cross-validation without decoding again.
+    calib.unlink()
+    blocks = trained["root"] / "blocks.safetensors"
+    assert main(argv + ["--dry-run", "--save-data", str(blocks)]) == 0 and blocks.is_file()
+    capsys.readouterr()
+    assert main(["calibrate", "--target", str(trained["target_dir"]), "--drafter", str(drafter_dir),
+                 "--load-data", str(blocks), "--splits", "3", "--objective", "nll", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "cross-validation over 3 prompt splits" in out and "temperatures fitted on all prompts" in out
+    saved = json.loads(calib.read_text())
+    assert saved["objective"] == "nll" and saved["cross_validation"]["splits"] == 3
+    assert saved["fitted_on"] == "all prompts" and saved["sampling_temperature"] == 1.0
 
     # Dry run writes nothing; a drafter without a confidence head is a clear error.
     calib.unlink()

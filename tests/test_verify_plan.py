@@ -85,7 +85,7 @@ def test_fixed_plan_and_statistics():
     planner.record([1, 2], 7)
     assert planner.mean_verified == pytest.approx((21 + 3) / 5)
     assert logged == [planner.summary()]
-    assert "mode fixed, 2 draft steps, mean verified length 4.80 of 7 per request, mean batch 2.5" in logged[0]
+    assert "mode fixed, 2 steps, mean verified length 4.80 of 7 per request, mean batch 2.5" in logged[0]
 
 
 def test_async_plan_uses_the_budget_of_two_steps_ago():

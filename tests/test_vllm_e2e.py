@@ -151,6 +151,10 @@ def test_scheduler_greedy_identical_and_verifies_less_than_the_block(plain_outpu
     mismatches = [i for i, (a, b) in enumerate(zip(plain_outputs, outputs)) if a != b]
     assert mismatches == [], f"prompts {mismatches} differ with the scheduler on"
     assert "dspark-plugin scheduler: mode early_stop" in scheduler_run["log"]
+    # The draft gate tries steps without a draft while it learns (then wherever they are faster):
+    # those steps are inside the identical outputs above.
+    assert "dspark-plugin draft gate: on" in scheduler_run["log"]
+    assert "dspark-plugin draft gate: first step without a draft" in scheduler_run["log"]
     drafts, tokens = spec_delta(before, after, "num_drafts"), spec_delta(before, after, "num_draft_tokens")
     # Request-steps that emitted tokens: each emits its accepted drafts + 1.
     steps = (after["vllm:generation_tokens"] - before.get("vllm:generation_tokens", 0.0)

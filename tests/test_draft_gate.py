@@ -1,0 +1,107 @@
+"""The load-aware draft gate (engine-free): it measures tokens/s with and without drafting per
+batch-size bucket and drafts only where drafting has been earning more; the vLLM planner feeds it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark_plugin.draft_gate import DraftGate, bucket
+from dspark_plugin.errors import DSparkError
+from dspark_plugin.scheduler import prefix_survival
+from dspark_plugin.sps import SPSCurve
+from dspark_plugin.vllm.verify_plan import VerifyPlanner, settings_from_env
+
+
+def test_buckets():
+    assert [bucket(r) for r in (0, 1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33)] == [1, 1, 2, 3, 4, 8, 8, 16, 16, 32, 32, 64]
+
+
+def run(gate: DraftGate, steps: int, batch: int, draft_step_s: float, draft_tokens_per_req: float,
+        skip_step_s: float, clock: float = 0.0) -> tuple[list[bool], float]:
+    """Drive the gate with a simulated engine: each choice costs its step time and emits its tokens."""
+    choices = []
+    for _ in range(steps):
+        d = gate.decide(batch, clock)
+        choices.append(d)
+        gate.emitted(batch * (draft_tokens_per_req if d else 1.0))
+        clock += draft_step_s if d else skip_step_s
+    return choices, clock
+
+
+def test_warmup_tries_both_then_skips_where_drafting_does_not_pay():
+    gate = DraftGate(probe_every=16, warmup=4)
+    # Drafting: 1.2 tokens per request in 50 ms; not drafting: 1 token in 30 ms -> skip is faster.
+    choices, _ = run(gate, 160, 16, 0.050, 1.2, 0.030)
+    assert choices[:4] == [True] * 4 and choices[4:8] == [False] * 4
+    later = choices[9:]
+    drafted = [i + 9 for i, d in enumerate(later) if d]
+    # Only the periodic probes draft once it knows.
+    assert drafted and all((i + 1) % 16 == 0 for i in drafted)
+    assert gate.skipped == 160 - len(drafted) - 4
+    s = gate.buckets[16]
+    assert s.draft.rate == pytest.approx(16 * 1.2 / 0.05) and s.skip.rate == pytest.approx(16 / 0.03)
+
+
+def test_drafts_where_drafting_pays():
+    gate = DraftGate(probe_every=16, warmup=4)
+    # 2.0 tokens per request in 45 ms vs 1 token in 30 ms -> drafting is faster.
+    choices, _ = run(gate, 160, 1, 0.045, 2.0, 0.030)
+    skipped = [i for i, d in enumerate(choices) if not d]
+    assert skipped[:4] == [4, 5, 6, 7]
+    assert all((i + 1) % 16 == 0 for i in skipped[4:])  # only probes after warm-up
+    assert "drafted" in gate.summary() and "R~1" in gate.summary()
+
+
+def test_buckets_are_independent_and_follow_the_load():
+    gate = DraftGate(probe_every=16, warmup=2)
+    _, clock = run(gate, 64, 1, 0.045, 2.0, 0.030)          # low load: drafting pays
+    choices, clock = run(gate, 64, 32, 0.200, 1.1, 0.120, clock)  # high load: it does not
+    assert sum(choices[-32:]) <= 2
+    choices, _ = run(gate, 32, 1, 0.045, 2.0, 0.030, clock)     # back to low load: drafts again
+    assert sum(choices) >= 30
+
+
+def test_idle_gaps_are_not_step_costs():
+    gate = DraftGate(warmup=1, max_step_s=1.0)
+    gate.decide(1, 0.0)
+    gate.emitted(2.0)
+    assert gate.decide(1, 100.0)  # the engine idled 100 s: not a measurement, so still warming up
+    assert gate.buckets[1].draft.n == 0
+    gate.emitted(1.0)
+    gate.decide(1, 100.02)
+    assert gate.buckets[1].draft.n == 1 and gate.buckets[1].draft.rate == pytest.approx(50.0)
+
+
+def test_bad_gate_settings():
+    with pytest.raises(DSparkError, match="probe_every"):
+        DraftGate(probe_every=1)
+    assert settings_from_env({}).draft_gate is True
+    assert settings_from_env({"DSPARK_DRAFT_GATE": "Off"}).draft_gate is False
+    with pytest.raises(DSparkError, match="DSPARK_DRAFT_GATE: 'maybe' is not one of on, off"):
+        settings_from_env({"DSPARK_DRAFT_GATE": "maybe"})
+
+
+CURVE = SPSCurve.from_measurements([1, 64], [100.0, 100.0 / (1 + 0.1 * 63)])
+
+
+def test_planner_feeds_the_gate_expected_tokens_and_counts_skips_as_zero_verified():
+    logged: list[str] = []
+    gate = DraftGate(warmup=1)
+    planner = VerifyPlanner("early_stop", CURVE, gate=gate, log=logged.append, log_every=1000)
+    conf = torch.rand(3, 7, generator=torch.Generator().manual_seed(0)) ** 0.25
+    assert planner.should_draft(3, 0.0)
+    lengths = planner.plan(conf)
+    surv = prefix_survival(conf.double())
+    expected = 3 + sum(float(surv[r, :l].sum()) for r, l in enumerate(lengths))
+    assert gate._tokens == pytest.approx(expected)
+    assert not planner.should_draft(3, 0.05)  # warm-up of the other choice
+    planner.skip(3, 7)
+    assert gate.buckets[3].draft.rate == pytest.approx(expected / 0.05)
+    assert planner.request_steps == 6 and planner.verified == sum(lengths)
+    assert logged == ["dspark-plugin draft gate: first step without a draft (batch of 3)"]
+    assert "draft gate: drafted 1 of 2 steps" in planner.summary()
+
+
+def test_fixed_mode_has_no_gate():
+    planner = VerifyPlanner("fixed", None, gate=DraftGate())
+    assert planner.gate is None and all(planner.should_draft(8, float(t)) for t in range(50))
