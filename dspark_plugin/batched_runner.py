@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dspark_plugin.draft import DraftBlock, draft_block
+from dspark_plugin.draft_gate import DraftGate
 from dspark_plugin.drafter import ContextCache, DSparkDrafter
 from dspark_plugin.errors import DSparkError
 from dspark_plugin.runner import GenerationResult, bind_drafter, truncate
@@ -71,10 +72,13 @@ class BatchedRunner:
         Drafters without a confidence head always verify the full block.
     sps: the SPS curve (SPSCurve or callable B -> steps/s). None: measured on this target the first
         time the scheduler needs it (a few timed forwards), kept for the runner's lifetime.
+    draft_gate: a `DraftGate` (draft_gate.py) that may skip a step's whole draft when drafting has
+        been earning fewer tokens/s at this batch size; None (default) drafts every step.
     """
 
     def __init__(self, target: nn.Module, drafter: DSparkDrafter | None = None, gamma: int | None = None,
-                 scheduler: SchedulerSpec = "early_stop", sps: SPSCurve | Callable[[int], float] | None = None):
+                 scheduler: SchedulerSpec = "early_stop", sps: SPSCurve | Callable[[int], float] | None = None,
+                 draft_gate: DraftGate | None = None):
         self.target = target.eval()
         self.drafter = drafter
         self.gamma = bind_drafter(target, drafter, gamma)
@@ -83,6 +87,7 @@ class BatchedRunner:
         self.scheduler = scheduler
         self.sps = sps
         self._async: AsyncScheduler | None = None
+        self.draft_gate = draft_gate
 
     # -- scheduling ---------------------------------------------------------------------------
     def _sps(self, max_b: int):
@@ -158,6 +163,8 @@ class BatchedRunner:
         out_results = [GenerationResult(tokens=[]) for _ in range(n)]
         batch = BatchResult(results=out_results)
         self._async = None  # a new batch has no stale budgets
+        if self.draft_gate is not None:
+            self.draft_gate.reset()  # the gap since the last batch is not a step
 
         # Prefill, right-padded: row r's prompt fills slots 0..len_r-1.
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
@@ -197,12 +204,20 @@ class BatchedRunner:
             R = rows.numel()
 
             block = None
-            if self.drafter is not None:
+            gated = self.draft_gate is not None and self.drafter is not None
+            skip = gated and not self.draft_gate.decide(R, time.perf_counter())
+            if self.drafter is not None and not skip:
                 try:
                     block = draft_block(self.drafter, ctx, anchor, pos, temperature, top_k, top_p, gen)
                 except Exception:  # a failing drafter must never take generation down with it
                     block = None
             lengths = self._verify_lengths(block, R) if self.drafter is not None else torch.zeros(R, dtype=torch.long)
+            if gated:  # expected tokens of this step: one per request + the verified survivals
+                expected = R
+                if block is not None and block.confidence is not None:
+                    keep = torch.arange(block.survival.shape[1])[None, :] < lengths[:, None]
+                    expected += float(block.survival.float().cpu()[keep].sum())
+                self.draft_gate.emitted(expected)
             Q = 1 + int(lengths.max())
             lengths_d = lengths.to(device)
             j = torch.arange(Q, device=device)
@@ -243,7 +258,7 @@ class BatchedRunner:
                 result.num_rounds += 1
                 result.accepted.append(int(res.num_accepted[i]))
                 result.verified.append(int(lengths[i]))
-                if block is None or not bool(block.ok[i]):
+                if (block is None and not skip) or (block is not None and not bool(block.ok[i])):
                     result.fallbacks += self.drafter is not None
                 if len(result.tokens) >= max_new_tokens or any(t in eos for t in emitted):
                     done[r] = True

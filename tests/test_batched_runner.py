@@ -102,6 +102,20 @@ def test_sps_measured_when_not_given(llama, reference):
     assert all(b <= a for a, b in zip(curve.sps, curve.sps[1:]))
 
 
+def test_draft_gate_skips_whole_steps_and_output_stays_identical(llama, reference):
+    from dspark_plugin.draft_gate import DraftGate
+
+    ps, ref = reference
+    # warmup 1, probe every 2nd step: both choices are taken whatever the timings say.
+    gate = DraftGate(probe_every=2, warmup=1)
+    out = BatchedRunner(llama, tiny_drafter(llama), sps=sps, draft_gate=gate).generate(ps, max_new_tokens=40)
+    assert [r.tokens for r in out.results] == ref
+    assert 0 < gate.skipped < gate.steps == out.num_steps
+    assert all(r.fallbacks == 0 for r in out.results)  # a skipped step is not a drafter failure
+    assert sum(sum(r.accepted) for r in out.results) > 0
+    assert sum(d.n + s.n for b in gate.buckets.values() for d, s in [(b.draft, b.skip)]) > 0  # it measured
+
+
 def test_broken_drafter_falls_back_to_target(llama, reference):
     ps, ref = reference
     drafter = tiny_drafter(llama)
@@ -180,12 +194,14 @@ def exact_first_tokens(target, prompt: list[int], n: int, temperature: float) ->
     return probs
 
 
-def test_sampling_with_scheduler_keeps_target_distribution():
+@pytest.mark.parametrize("gated", [False, True])
+def test_sampling_with_scheduler_keeps_target_distribution(gated):
     """Row 0 of each batch is the measured request, rows 1-3 are load with other prompts.
     (Only one row per batch is counted: the scheduler couples concurrent requests, so their
     outputs need not be independent of each other, though each one follows the target.)
     The strong statistical checks of the scheduler are in test_scheduler_lossless.py; this one
-    checks that the runner wires drafts, lengths and verification together losslessly."""
+    checks that the runner wires drafts, lengths and verification together losslessly, with and
+    without the draft gate skipping whole steps."""
     import numpy as np
     from scipy.stats import chisquare
 
@@ -194,7 +210,10 @@ def test_sampling_with_scheduler_keeps_target_distribution():
     with torch.no_grad():  # a confidence that varies with context, so row 0's lengths vary
         drafter.confidence_head.proj.weight.mul_(10.0)
         drafter.confidence_head.proj.bias.fill_(1.5)
-    runner = BatchedRunner(target, drafter, sps=lambda b: 1.0 / (1.0 + 0.06 * max(0, b - 4)))
+    from dspark_plugin.draft_gate import DraftGate
+
+    gate = DraftGate(probe_every=2, warmup=1) if gated else None
+    runner = BatchedRunner(target, drafter, sps=lambda b: 1.0 / (1.0 + 0.06 * max(0, b - 4)), draft_gate=gate)
     prompt, load = [2, 3, 4], [[5, 1], [3, 3, 2, 5], [4]]
     trials, observed, verified = 500, {}, []
     for seed in range(trials):
@@ -203,6 +222,7 @@ def test_sampling_with_scheduler_keeps_target_distribution():
         observed[key] = observed.get(key, 0) + 1
         verified += out.results[0].verified
     assert len(set(verified)) >= 2 and 0 < np.mean(verified) < 6  # the scheduler made real choices
+    assert not gated or 0 < gate.skipped < gate.steps
     expected = exact_first_tokens(target, prompt, 3, 1.0)
     cells = sorted(expected, key=expected.get, reverse=True)
     exp = np.array([expected[c] * trials for c in cells])
