@@ -12,6 +12,12 @@ concurrency it records output tokens/s and, from /metrics:
 - verified per verifying step: the same over request-steps that verified >= 1 draft (vLLM's
   num_draft_tokens / num_drafts);
 - mean acceptance length: tokens emitted per decode request-step (accepted drafts + 1).
+Configurations: no-spec; dspark-fixed (full block verified every step); dspark-scheduler (the
+confidence scheduler and the draft gate, the defaults); dspark-scheduler-nogate (the scheduler
+with DSPARK_DRAFT_GATE=off: every step drafts the full block). `--rounds N` starts every
+configuration's server N times, in alternating order (A B C D, D C B A, ...), and reports the mean
+tokens/s over rounds with its spread: one server run's throughput varies by +-15-30% on a small
+shared CPU, so ratios from single runs are weak.
 Writes results.json, summary.md and (with matplotlib) scheduler.png to --out.
 
     python benchmarks/vllm_scheduler.py                      # the full run (tens of minutes)
@@ -37,7 +43,7 @@ from vllm_serving import prompt_sets, shipped, started, stream_chat, timed_load 
 from dspark_plugin.vllm.serving import VllmServer  # noqa: E402
 from dspark_plugin.vllm.testing import vllm_env  # noqa: E402
 
-CONFIGS = ("no-spec", "dspark-fixed", "dspark-scheduler")
+CONFIGS = ("no-spec", "dspark-fixed", "dspark-scheduler", "dspark-scheduler-nogate")
 
 
 def spec_stats(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float | None]:
@@ -93,12 +99,28 @@ def server_for(name: str, args: argparse.Namespace, sps: Path, log: Path) -> Vll
         if args.num_speculative_tokens:
             spec["num_speculative_tokens"] = args.num_speculative_tokens
         env["DSPARK_SCHEDULER"] = "fixed" if name == "dspark-fixed" else "early_stop"
+        # dspark-scheduler: with the draft gate (the default); -nogate: every step drafts the block.
+        env["DSPARK_DRAFT_GATE"] = "off" if name == "dspark-scheduler-nogate" else "on"
         env["DSPARK_SPS"] = str(sps.resolve())
     extra = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(max(args.concurrency)),
              "--seed", "0", *args.extra_args.split()]
     if args.smoke and "--enforce-eager" not in extra:
         extra.append("--enforce-eager")
     return VllmServer(args.target, log, spec, extra, env=env)
+
+
+def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over rounds of every number (one round: that round), plus the per-round tokens/s."""
+    if len(rounds) == 1:
+        return rounds[0]
+    out: dict[str, Any] = {}
+    for key in rounds[0]:
+        vals = [r[key] for r in rounds if r.get(key) is not None]
+        out[key] = sum(vals) / len(vals) if vals else None
+    tps = [r["output_tokens_per_s"] for r in rounds]
+    out["output_tokens_per_s_rounds"] = tps
+    out["output_tokens_per_s_spread"] = (max(tps) - min(tps)) / out["output_tokens_per_s"]
+    return out
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:
@@ -134,13 +156,15 @@ def fmt(v: float | None, spec: str = ".2f") -> str:
 
 def table(result: dict[str, Any]) -> str:
     base = result["runs"].get("no-spec", {})
-    lines = ["| config | concurrency | out tok/s | x no-spec | mean verified length | verified per verifying step "
-             "| acceptance length |", "|---|---|---|---|---|---|---|"]
+    lines = ["| config | concurrency | out tok/s | spread over rounds | x no-spec | mean verified length "
+             "| verified per verifying step | acceptance length |", "|---|---|---|---|---|---|---|---|"]
     for name, by_c in result["runs"].items():
         for c, r in by_c.items():
             ref = base.get(c, {}).get("output_tokens_per_s")
             ratio = r["output_tokens_per_s"] / ref if ref else None
-            lines.append(f"| {name} | {c} | {r['output_tokens_per_s']:.1f} | {fmt(ratio)} | "
+            spread = r.get("output_tokens_per_s_spread")
+            lines.append(f"| {name} | {c} | {r['output_tokens_per_s']:.1f} | "
+                         f"{'-' if spread is None else format(spread, '.0%')} | {fmt(ratio)} | "
                          f"{fmt(r.get('mean_verified_length'))} | {fmt(r.get('verified_per_verifying_step'))} | "
                          f"{fmt(r.get('acceptance_length'))} |")
     return "\n".join(lines)
@@ -163,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-args", default="", help="extra `vllm serve` arguments (one string)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny check: concurrency 1 and 4, 4 requests of 16 tokens, --enforce-eager, a 4-point SPS curve")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="start each configuration's server this many times (alternating order) and average")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "vllm_scheduler"))
     p.add_argument("--rerun", action="store_true",
                    help="keep the other configurations of <out>/results.json and replace only the --only ones "
@@ -185,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.platform()}, {os.cpu_count()} cores", "target": args.target,
         "target_name": Path(args.target).name, "drafter": args.drafter, "drafter_name": Path(args.drafter).name,
-        "sps": str(sps), "max_tokens": args.max_tokens, "greedy": True, "runs": {}, "startup_s": {},
+        "sps": str(sps), "max_tokens": args.max_tokens, "greedy": True, "rounds": args.rounds, "runs": {}, "startup_s": {},
         "failed": {}, "proposer_log": {},
     }
     if args.rerun and (out / "results.json").is_file():
@@ -195,25 +221,32 @@ def main(argv: list[str] | None = None) -> int:
         result["reruns"] = [*old.get("reruns", []), {"command": result["command"], "date": result["date"],
                                                       "configs": names}]
         result["command"], result["date"] = old["command"], old["date"]
-    for name in names:
-        server = server_for(name, args, sps, out / f"server-{name}.log")
-        if not started(server, name, result, "failed"):
-            continue
-        try:
-            stream_chat(server.url, "Hello", 8)  # lazy initialisation stays out of the first measurement
-            for c in args.concurrency:
-                r = run_load(server, mixed[:max(args.prompts, 2 * c)], c, args.max_tokens)
-                result["runs"].setdefault(name, {})[str(c)] = r
-                print(f"[{name}] c={c}: {r['output_tokens_per_s']:.1f} tok/s, mean verified length "
-                      f"{fmt(r['mean_verified_length'])}, acceptance length {fmt(r['acceptance_length'])}", flush=True)
-        finally:
-            server.stop()
-        # The proposer's own cumulative lines: which mode it ran, and its verified length / draft timing.
-        lines = [line.split("dspark-plugin ", 1)[1] for line in server.log_tail(10**7).splitlines()
-                 if "dspark-plugin scheduler" in line or "dspark-plugin timing" in line]
-        if lines:
-            result["proposer_log"][name] = lines[:1] + lines[-2:]
-        (out / "results.json").write_text(json.dumps(result, indent=2))
+    per_round: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for rnd in range(args.rounds):
+        order = names if rnd % 2 == 0 else names[::-1]  # alternate, so slow drift hits all alike
+        for name in order:
+            tag = name if args.rounds == 1 else f"{name}-round{rnd + 1}"
+            server = server_for(name, args, sps, out / f"server-{tag}.log")
+            if not started(server, tag, result, "failed"):
+                continue
+            try:
+                stream_chat(server.url, "Hello", 8)  # lazy initialisation stays out of the first measurement
+                for c in args.concurrency:
+                    r = run_load(server, mixed[:max(args.prompts, 2 * c)], c, args.max_tokens)
+                    per_round.setdefault(name, {}).setdefault(str(c), []).append(r)
+                    result["runs"].setdefault(name, {})[str(c)] = aggregate(per_round[name][str(c)])
+                    print(f"[{tag}] c={c}: {r['output_tokens_per_s']:.1f} tok/s, mean verified length "
+                          f"{fmt(r['mean_verified_length'])}, acceptance length {fmt(r['acceptance_length'])}",
+                          flush=True)
+            finally:
+                server.stop()
+            # The proposer's own cumulative lines: which mode it ran, its verified length, draft timing
+            # and (scheduler) what the draft gate did.
+            lines = [line.split("dspark-plugin ", 1)[1] for line in server.log_tail(10**7).splitlines()
+                     if "dspark-plugin scheduler" in line or "dspark-plugin timing" in line]
+            if lines:
+                result["proposer_log"][tag] = lines[:1] + lines[-2:]
+            (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "results.json").write_text(json.dumps(result, indent=2))
     md = (f"### vLLM confidence scheduler, {result['target_name']} + {result['drafter_name']} ({result['date']})\n\n"
           f"`{result['command']}`\n\nMachine: {result['machine']}; greedy, max {args.max_tokens} new tokens, "
