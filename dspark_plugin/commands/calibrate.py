@@ -35,6 +35,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the report, write nothing")
 
 
+def _shown(path: str) -> str:
+    """A path as written into a file that may be shipped: relative to the working dir when inside it."""
+    from pathlib import Path
+
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -113,11 +124,14 @@ def run(args: argparse.Namespace) -> int:
     out = save_confidence_temperatures(
         Path(args.drafter), temps,
         method="sequential_temperature_scaling", sampling_temperature=args.temperature, ece_bins=args.bins,
-        target=str(Path(args.target).resolve()), data=str(Path(args.load_data or args.data).resolve()),
-        prompts=n_prompts, objective=args.objective, blocks_fit=len(fit.conf_logits),
+        target=_shown(args.target), data=_shown(args.load_data or args.data),
+        prompts=n_prompts, objective=args.objective,
+        blocks_fit=len(data.conf_logits) if cv else len(fit.conf_logits),
         blocks_report=len(held.conf_logits), report_split=where, positions=report,
         **({"cross_validation": {k: v for k, v in cv.items() if k not in ("ece_before", "ece_after")},
-            "fitted_on": "all prompts"} if cv else {}),
+            "fitted_on": "all prompts",
+            "positions_note": "per-position report of one split (--seed): temperatures fitted on its other half"}
+           if cv else {}),
     )
     print(f"wrote {out}")
     return 0
