@@ -10,10 +10,11 @@ drafting at all: the target decodes one token per request, exactly as without sp
 
 Decision per engine step, from measurements of *earlier* steps only:
 - the batch size R picks a bucket (exact up to 4 requests, then powers of two);
-- per bucket and per choice (draft / no draft) the gate keeps running means of the step's wall
-  time (from this decision to the next one: the draft, then the target step that verifies it) and
-  of the tokens the step emits (no draft: R; draft: R plus the scheduler's expected accepted
-  drafts, the sum of the verified prefix survivals; that estimate is what calibration is for);
+- per bucket and per choice (draft / no draft) the gate keeps the last `window` steps' wall time
+  (from this decision to the next one: the draft, then the target step that verifies it) and
+  tokens emitted (no draft: R; draft: R plus the scheduler's expected accepted drafts, the sum of
+  the verified prefix survivals; that estimate is what calibration is for), and their rate
+  (tokens over seconds, waits for new requests left out);
 - it drafts iff drafting has the higher tokens per second; a choice with fewer than `warmup`
   measurements in this bucket is tried first, and every `probe_every`-th step of a bucket tries
   the choice not taken, so the estimates follow the workload.
@@ -23,12 +24,13 @@ past steps' timings and survivals), and a step without drafts is plain target de
 """
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections import deque
 
 from dspark_plugin.errors import DSparkError
 
 EXACT_BUCKETS = 4
+OUTLIER = 3.0  # a step slower than this many times the window's median is a wait, not a cost
 
 
 def bucket(batch: int) -> int:
@@ -38,38 +40,48 @@ def bucket(batch: int) -> int:
     return 1 << math.ceil(math.log2(batch))
 
 
-@dataclasses.dataclass
-class _Mean:
-    """Exponentially weighted sums of tokens and seconds (their ratio is the rate)."""
-    n: int = 0
-    tokens: float = 0.0
-    seconds: float = 0.0
+class _Window:
+    """The last `size` steps of one choice in one bucket: (tokens emitted, wall seconds).
 
-    def add(self, tokens: float, seconds: float, decay: float) -> None:
-        self.n += 1
-        self.tokens = decay * self.tokens + tokens
-        self.seconds = decay * self.seconds + seconds
+    The rate is total tokens over total seconds of the steps that look like steps: a wall time over
+    `OUTLIER` x the median is the engine waiting (for the next request, for a client that just got
+    its answer), not what the choice cost; left in, one such gap would swamp a window of 40 ms steps.
+    """
+
+    def __init__(self, size: int):
+        self.samples: deque[tuple[float, float]] = deque(maxlen=size)
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    def add(self, tokens: float, seconds: float) -> None:
+        self.samples.append((tokens, seconds))
 
     @property
     def rate(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+        if not self.samples:
+            return 0.0
+        secs = sorted(s for _, s in self.samples)
+        limit = OUTLIER * secs[len(secs) // 2]
+        kept = [(t, s) for t, s in self.samples if s <= limit]
+        total = sum(s for _, s in kept)
+        return sum(t for t, _ in kept) / total if total > 0 else 0.0
 
 
-@dataclasses.dataclass
 class _Bucket:
-    draft: _Mean = dataclasses.field(default_factory=_Mean)
-    skip: _Mean = dataclasses.field(default_factory=_Mean)
-    steps: int = 0
+    def __init__(self, window: int):
+        self.draft, self.skip, self.steps = _Window(window), _Window(window), 0
 
 
 class DraftGate:
     """Call `decide(R, now)` at the start of every draft step, then `emitted(tokens)` once the
     step's expected emitted tokens are known (a step that does not draft emits R)."""
 
-    def __init__(self, probe_every: int = 16, warmup: int = 4, decay: float = 0.95, max_step_s: float = 5.0):
-        if probe_every < 2 or warmup < 1 or not 0 < decay <= 1 or max_step_s <= 0:
-            raise DSparkError("DraftGate: need probe_every >= 2, warmup >= 1, 0 < decay <= 1, max_step_s > 0")
-        self.probe_every, self.warmup, self.decay, self.max_step_s = probe_every, warmup, decay, max_step_s
+    def __init__(self, probe_every: int = 16, warmup: int = 4, window: int = 32, max_step_s: float = 5.0):
+        if probe_every < 2 or warmup < 1 or window < warmup or max_step_s <= 0:
+            raise DSparkError("DraftGate: need probe_every >= 2, warmup >= 1, window >= warmup, max_step_s > 0")
+        self.probe_every, self.warmup, self.window, self.max_step_s = probe_every, warmup, window, max_step_s
         self.buckets: dict[int, _Bucket] = {}
         self._pending: tuple[int, bool, float] | None = None   # (bucket, drafted, start time)
         self._tokens: float | None = None
@@ -88,13 +100,15 @@ class DraftGate:
         # A long gap is the engine idling between requests, not the cost of the step.
         if 0 < seconds <= self.max_step_s:
             stats = self.buckets[b]
-            (stats.draft if drafted else stats.skip).add(self._tokens, seconds, self.decay)
+            (stats.draft if drafted else stats.skip).add(self._tokens, seconds)
 
     def decide(self, batch: int, now: float) -> bool:
         """True: draft this step. Closes the previous step's measurement at `now`."""
         self._close(now)
         b = bucket(batch)
-        stats = self.buckets.setdefault(b, _Bucket())
+        stats = self.buckets.get(b)
+        if stats is None:
+            stats = self.buckets[b] = _Bucket(self.window)
         stats.steps += 1
         if stats.draft.n < self.warmup:
             draft = True

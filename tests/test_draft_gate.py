@@ -72,6 +72,18 @@ def test_idle_gaps_are_not_step_costs():
     assert gate.buckets[1].draft.n == 1 and gate.buckets[1].draft.rate == pytest.approx(50.0)
 
 
+def test_waits_between_requests_do_not_swamp_the_rate():
+    gate = DraftGate(warmup=1, max_step_s=5.0)
+    t = 0.0
+    for i in range(20):
+        gate.decide(1, t)
+        gate.emitted(1.0)
+        t += 1.5 if i == 10 else 0.04  # one 1.5 s wait for a new request among 40 ms steps
+    gate.decide(1, t)
+    rates = [gate.buckets[1].draft.rate, gate.buckets[1].skip.rate]
+    assert all(r == pytest.approx(25.0) for r in rates if r), rates
+
+
 def test_bad_gate_settings():
     with pytest.raises(DSparkError, match="probe_every"):
         DraftGate(probe_every=1)
