@@ -17,7 +17,9 @@ Decision per engine step, from measurements of *earlier* steps only:
   (tokens over seconds, waits for new requests left out);
 - it drafts iff drafting has the higher tokens per second; a choice with fewer than `warmup`
   measurements in this bucket is tried first, and every `probe_every`-th step of a bucket tries
-  the choice not taken, so the estimates follow the workload.
+  the choice not taken, so the estimates follow the workload (every `FAR` x `probe_every`-th when
+  one choice leads by more than `CLEAR_LEAD`: a probe of the losing choice costs throughput, and a
+  wide gap does not close within a few steps).
 
 Lossless: whether a step verifies anything is decided before any of its draft tokens exist (from
 past steps' timings and survivals), and a step without drafts is plain target decoding.
@@ -31,6 +33,8 @@ from dspark_plugin.errors import DSparkError
 
 EXACT_BUCKETS = 4
 OUTLIER = 3.0  # a step slower than this many times the window's median is a wait, not a cost
+CLEAR_LEAD = 0.15  # one choice this much faster (relative) is probed less often
+FAR = 4
 
 
 def bucket(batch: int) -> int:
@@ -115,8 +119,10 @@ class DraftGate:
         elif stats.skip.n < self.warmup:
             draft = False
         else:
-            draft = stats.draft.rate >= stats.skip.rate
-            if stats.steps % self.probe_every == 0:
+            rd, rs = stats.draft.rate, stats.skip.rate
+            draft = rd >= rs
+            clear = abs(rd - rs) > CLEAR_LEAD * max(rd, rs)
+            if stats.steps % (self.probe_every * (FAR if clear else 1)) == 0:
                 draft = not draft
         self.steps += 1
         self.skipped += not draft

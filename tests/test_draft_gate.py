@@ -35,8 +35,8 @@ def test_warmup_tries_both_then_skips_where_drafting_does_not_pay():
     assert choices[:4] == [True] * 4 and choices[4:8] == [False] * 4
     later = choices[9:]
     drafted = [i + 9 for i, d in enumerate(later) if d]
-    # Only the periodic probes draft once it knows.
-    assert drafted and all((i + 1) % 16 == 0 for i in drafted)
+    # Only the periodic probes draft once it knows; skipping leads by 28%, so every 64th step.
+    assert drafted and all((i + 1) % 64 == 0 for i in drafted)
     assert gate.skipped == 160 - len(drafted) - 4
     s = gate.buckets[16]
     assert s.draft.rate == pytest.approx(16 * 1.2 / 0.05) and s.skip.rate == pytest.approx(16 / 0.03)
@@ -44,11 +44,11 @@ def test_warmup_tries_both_then_skips_where_drafting_does_not_pay():
 
 def test_drafts_where_drafting_pays():
     gate = DraftGate(probe_every=16, warmup=4)
-    # 2.0 tokens per request in 45 ms vs 1 token in 30 ms -> drafting is faster.
-    choices, _ = run(gate, 160, 1, 0.045, 2.0, 0.030)
+    # 1.4 tokens per request in 40 ms vs 1 token in 30 ms -> drafting is 5% faster: a close call.
+    choices, _ = run(gate, 160, 1, 0.040, 1.4, 0.030)
     skipped = [i for i, d in enumerate(choices) if not d]
     assert skipped[:4] == [4, 5, 6, 7]
-    assert all((i + 1) % 16 == 0 for i in skipped[4:])  # only probes after warm-up
+    assert skipped[4:] and all((i + 1) % 16 == 0 for i in skipped[4:])  # probes every 16th after warm-up
     assert "drafted" in gate.summary() and "R~1" in gate.summary()
 
 
