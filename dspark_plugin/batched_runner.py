@@ -212,12 +212,6 @@ class BatchedRunner:
                 except Exception:  # a failing drafter must never take generation down with it
                     block = None
             lengths = self._verify_lengths(block, R) if self.drafter is not None else torch.zeros(R, dtype=torch.long)
-            if gated:  # expected tokens of this step: one per request + the verified survivals
-                expected = R
-                if block is not None and block.confidence is not None:
-                    keep = torch.arange(block.survival.shape[1])[None, :] < lengths[:, None]
-                    expected += float(block.survival.float().cpu()[keep].sum())
-                self.draft_gate.emitted(expected)
             Q = 1 + int(lengths.max())
             lengths_d = lengths.to(device)
             j = torch.arange(Q, device=device)
@@ -237,6 +231,8 @@ class BatchedRunner:
                 res = verify_rejection(drafts, draft_probs, target_probs, lengths_d, gen)
             if observer is not None:
                 observer(StepRecord(rows=rows, block=block, verify_len=lengths, target_logits=logits, verify=res))
+            if gated:  # the tokens this step emitted: one per request + the accepted drafts
+                self.draft_gate.emitted(R + int(res.num_accepted.sum()))
             kept = res.num_accepted + 1                                   # anchor slot + accepted drafts
             used = int(kept.max())
             if used < Q:

@@ -12,9 +12,9 @@ Decision per engine step, from measurements of *earlier* steps only:
 - the batch size R picks a bucket (exact up to 4 requests, then powers of two);
 - per bucket and per choice (draft / no draft) the gate keeps the last `window` steps' wall time
   (from this decision to the next one: the draft, then the target step that verifies it) and
-  tokens emitted (no draft: R; draft: R plus the scheduler's expected accepted drafts, the sum of
-  the verified prefix survivals; that estimate is what calibration is for), and their rate
-  (tokens over seconds, waits for new requests left out);
+  tokens emitted (no draft: R; draft: R plus the drafts the target accepted, as the engine
+  reports them at the next step, or, where it cannot, the scheduler's expected count, the sum of
+  the verified prefix survivals), and their rate (tokens over seconds, waits left out);
 - it drafts iff drafting has the higher tokens per second; a choice with fewer than `warmup`
   measurements in this bucket is tried first, and every `probe_every`-th step of a bucket tries
   the choice not taken, so the estimates follow the workload (every `FAR` x `probe_every`-th when
@@ -87,7 +87,7 @@ class DraftGate:
             raise DSparkError("DraftGate: need probe_every >= 2, warmup >= 1, window >= warmup, max_step_s > 0")
         self.probe_every, self.warmup, self.window, self.max_step_s = probe_every, warmup, window, max_step_s
         self.buckets: dict[int, _Bucket] = {}
-        self._pending: tuple[int, bool, float] | None = None   # (bucket, drafted, start time)
+        self._pending: tuple[int, bool, float, int] | None = None   # (bucket, drafted, start time, R)
         self._tokens: float | None = None
         self.steps = 0
         self.skipped = 0
@@ -99,15 +99,20 @@ class DraftGate:
     def _close(self, now: float) -> None:
         if self._pending is None or self._tokens is None:
             return
-        b, drafted, start = self._pending
+        b, drafted, start, _ = self._pending
         seconds = now - start
         # A long gap is the engine idling between requests, not the cost of the step.
         if 0 < seconds <= self.max_step_s:
             stats = self.buckets[b]
             (stats.draft if drafted else stats.skip).add(self._tokens, seconds)
 
-    def decide(self, batch: int, now: float) -> bool:
-        """True: draft this step. Closes the previous step's measurement at `now`."""
+    def decide(self, batch: int, now: float, accepted: float | None = None) -> bool:
+        """True: draft this step. Closes the previous step's measurement at `now`; `accepted` is
+        the number of drafts the target accepted in that step, when the engine can tell (it
+        replaces the expected count given to `emitted`: a head calibrated on other prompts than
+        the ones being served would otherwise make drafting look better or worse than it is)."""
+        if accepted is not None and self._pending is not None and self._pending[1]:
+            self._tokens = self._pending[3] + max(0.0, float(accepted))
         self._close(now)
         b = bucket(batch)
         stats = self.buckets.get(b)
@@ -126,7 +131,7 @@ class DraftGate:
                 draft = not draft
         self.steps += 1
         self.skipped += not draft
-        self._pending, self._tokens = (b, draft, now), (float(batch) if not draft else None)
+        self._pending, self._tokens = (b, draft, now, batch), (float(batch) if not draft else None)
         return draft
 
     def emitted(self, tokens: float) -> None:

@@ -84,6 +84,17 @@ def test_waits_between_requests_do_not_swamp_the_rate():
     assert all(r == pytest.approx(25.0) for r in rates if r), rates
 
 
+def test_measured_acceptance_replaces_the_expected_count():
+    gate = DraftGate(warmup=1)
+    gate.decide(4, 0.0)
+    gate.emitted(4 + 2.5)                    # the scheduler expected 2.5 accepted drafts
+    gate.decide(4, 0.1, accepted=1)           # the engine says 1 was accepted
+    assert gate.buckets[4].draft.rate == pytest.approx(5 / 0.1)
+    gate.emitted(4)                           # a step without drafts: nothing to correct
+    gate.decide(4, 0.15, accepted=3)
+    assert gate.buckets[4].skip.rate == pytest.approx(4 / 0.05)
+
+
 def test_bad_gate_settings():
     with pytest.raises(DSparkError, match="probe_every"):
         DraftGate(probe_every=1)
@@ -109,6 +120,13 @@ def test_planner_feeds_the_gate_expected_tokens_and_counts_skips_as_zero_verifie
     assert not planner.should_draft(3, 0.05)  # warm-up of the other choice
     planner.skip(3, 7)
     assert gate.buckets[3].draft.rate == pytest.approx(expected / 0.05)
+    # vLLM reports the drafts rejected in the step that ran: accepted = verified - rejected.
+    gate2 = DraftGate(warmup=1)
+    p2 = VerifyPlanner("early_stop", CURVE, gate=gate2)
+    p2.should_draft(3, 0.0)
+    verified = sum(p2.plan(conf))
+    p2.should_draft(3, 0.05, rejected=verified - 1)
+    assert gate2.buckets[3].draft.rate == pytest.approx((3 + 1) / 0.05)
     assert planner.request_steps == 6 and planner.verified == sum(lengths)
     assert logged == ["dspark-plugin draft gate: first step without a draft (batch of 3)"]
     assert "draft gate: drafted 1 of 2 steps" in planner.summary()

@@ -224,7 +224,13 @@ class DSparkProposer(DFlashProposer):
         self.last_confidence = None
         batch = common_attn_metadata.batch_size()
         t0 = time.perf_counter()
-        draft = num_speculative_tokens > 0 and self.planner.should_draft(batch, t0)
+        try:  # the gate's bookkeeping must cost speed at worst, never the request
+            # Drafts rejected in the step that just ran (None: nothing verified, or not reported).
+            rejected = int(num_rejected_tokens_gpu.sum()) if num_rejected_tokens_gpu is not None else None
+            draft = num_speculative_tokens > 0 and self.planner.should_draft(batch, t0, rejected)
+        except Exception:  # noqa: BLE001
+            logger.exception("dspark-plugin: draft gate failed; drafting this step")
+            draft = num_speculative_tokens > 0
         try:
             inputs = self._context(target_token_ids, target_positions, target_hidden_states,
                                    next_token_ids, common_attn_metadata, num_rejected_tokens_gpu)

@@ -107,6 +107,7 @@ class VerifyPlanner:
         self._async = AsyncScheduler(StepCost(curve), max_batch_tokens=max_batch_tokens) if mode == "async" else None
         self.gate = gate if mode != "fixed" else None
         self._told_skip = False
+        self._verified_last = 0   # drafts handed to vLLM by the last step
         self.steps = 0
         self.request_steps = 0
         self.verified = 0
@@ -119,9 +120,16 @@ class VerifyPlanner:
         else:
             self._draft_s = DRAFT_COST_DECAY * self._draft_s + (1 - DRAFT_COST_DECAY) * seconds
 
-    def should_draft(self, batch: int, now: float) -> bool:
-        """Whether this step drafts at all (always, unless the draft gate is on and says no)."""
-        return True if self.gate is None else self.gate.decide(batch, now)
+    def should_draft(self, batch: int, now: float, rejected: int | None = None) -> bool:
+        """Whether this step drafts at all (always, unless the draft gate is on and says no).
+
+        rejected: drafts the target rejected in the step that just ran (vLLM's
+        `num_rejected_tokens_gpu`, summed), so the gate counts accepted drafts, not expected ones.
+        """
+        if self.gate is None:
+            return True
+        accepted = None if rejected is None else max(0, self._verified_last - int(rejected))
+        return self.gate.decide(batch, now, accepted)
 
     def skip(self, batch: int, gamma: int) -> None:
         """A step that verifies no drafts (gate closed, or the draft failed)."""
@@ -153,6 +161,7 @@ class VerifyPlanner:
         return lengths
 
     def record(self, lengths: list[int], gamma: int) -> None:
+        self._verified_last = sum(lengths)
         self.steps += 1
         self.request_steps += len(lengths)
         self.verified += sum(lengths)
