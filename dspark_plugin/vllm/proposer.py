@@ -226,7 +226,9 @@ class DSparkProposer(DFlashProposer):
         t0 = time.perf_counter()
         try:  # the gate's bookkeeping must cost speed at worst, never the request
             # Drafts rejected in the step that just ran (None: nothing verified, or not reported).
-            rejected = int(num_rejected_tokens_gpu.sum()) if num_rejected_tokens_gpu is not None else None
+            # Only the gate reads it: summing would sync the device every step for nothing.
+            rejected = (int(num_rejected_tokens_gpu.sum())
+                        if self.planner.gate is not None and num_rejected_tokens_gpu is not None else None)
             draft = num_speculative_tokens > 0 and self.planner.should_draft(batch, t0, rejected)
         except Exception:  # noqa: BLE001
             logger.exception("dspark-plugin: draft gate failed; drafting this step")
