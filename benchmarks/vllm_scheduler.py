@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     p.add_argument("--prompts", type=int, default=16,
                    help="requests per concurrency level: max(this, 2 x concurrency), MT-Bench and GSM8K alternating")
+    p.add_argument("--requests-per-slot", type=int, default=2,
+                   help="requests per load level: max(--prompts, this x concurrency); more -> less noise")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--only", nargs="+", choices=CONFIGS, help="run only these configurations")
@@ -204,15 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     args.sps = args.sps or str(out / "sps_vllm.json")
     names = [n for n in CONFIGS if not args.only or n in args.only]
     sps = ensure_sps(args) if any(n.startswith("dspark") for n in names) else Path(args.sps)
-    sets = prompt_sets(max(args.prompts, 2 * max(args.concurrency)))
+    per_load = {c: max(args.prompts, args.requests_per_slot * c) for c in args.concurrency}
+    sets = prompt_sets(max(per_load.values()))
     mixed = [p for pair in zip(sets["mt-bench"], sets["gsm8k"]) for p in pair]
     result: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.platform()}, {os.cpu_count()} cores", "target": args.target,
         "target_name": Path(args.target).name, "drafter": args.drafter, "drafter_name": Path(args.drafter).name,
-        "sps": str(sps), "max_tokens": args.max_tokens, "greedy": True, "rounds": args.rounds, "runs": {}, "startup_s": {},
-        "failed": {}, "proposer_log": {},
+        "sps": str(sps), "max_tokens": args.max_tokens,
+        "requests": {str(c): min(n, len(mixed)) for c, n in per_load.items()}, "greedy": True,
+        "rounds": args.rounds, "runs": {}, "startup_s": {}, "failed": {}, "proposer_log": {},
     }
     if args.rerun and (out / "results.json").is_file():
         old = json.loads((out / "results.json").read_text())
@@ -232,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 stream_chat(server.url, "Hello", 8)  # lazy initialisation stays out of the first measurement
                 for c in args.concurrency:
-                    r = run_load(server, mixed[:max(args.prompts, 2 * c)], c, args.max_tokens)
+                    r = run_load(server, mixed[:per_load[c]], c, args.max_tokens)
                     per_round.setdefault(name, {}).setdefault(str(c), []).append(r)
                     result["runs"].setdefault(name, {})[str(c)] = aggregate(per_round[name][str(c)])
                     print(f"[{tag}] c={c}: {r['output_tokens_per_s']:.1f} tok/s, mean verified length "

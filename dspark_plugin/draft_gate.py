@@ -14,12 +14,22 @@ Decision per engine step, from measurements of *earlier* steps only:
   (from this decision to the next one: the draft, then the target step that verifies it) and
   tokens emitted (no draft: R; draft: R plus the drafts the target accepted, as the engine
   reports them at the next step, or, where it cannot, the scheduler's expected count, the sum of
-  the verified prefix survivals), and their rate (tokens over seconds, waits left out);
-- it drafts iff drafting has the higher tokens per second; a choice with fewer than `warmup`
-  measurements in this bucket is tried first, and every `probe_every`-th step of a bucket tries
-  the choice not taken, so the estimates follow the workload (every `FAR` x `probe_every`-th when
-  one choice leads by more than `CLEAR_LEAD`: a probe of the losing choice costs throughput, and a
-  wide gap does not close within a few steps).
+  the verified prefix survivals), and their rate (tokens over seconds, waits left out). A step
+  whose target pass also prefilled a new request (the engine processed more tokens than R plus
+  the drafts verified) is not a sample: its cost is the prompt's, and it would land in whichever
+  window happened to be open;
+- it drafts iff drafting has the higher tokens per second, and now and then tries the choice not
+  taken (a probe), so both estimates follow the workload. A probe of the losing choice costs
+  about the gap between the two rates, so probes come every `gap / PROBE_COST` steps (clamped
+  to `probe_min`..`probe_max`): a close call is re-measured often and cheaply, a clear one
+  rarely; either way probing costs about `PROBE_COST` of the throughput;
+- a bucket with fewer than `warmup` samples of either choice first borrows from its neighbours:
+  drafting pays less as the batch grows (the draft and the longer verify both scale with R, the
+  step time of a compute-bound engine too), so a smaller bucket where not drafting wins means
+  "skip" here, and a larger bucket where drafting wins means "draft"; the other choice is then
+  probed every `probe_min`-th step until this bucket has its own samples. With no such
+  neighbour it alternates draft / no draft (both windows then fill at the same time, under the
+  same load, rather than one after the other).
 
 Lossless: whether a step verifies anything is decided before any of its draft tokens exist (from
 past steps' timings and survivals), and a step without drafts is plain target decoding.
@@ -33,8 +43,7 @@ from dspark_plugin.errors import DSparkError
 
 EXACT_BUCKETS = 4
 OUTLIER = 3.0  # a step slower than this many times the window's median is a wait, not a cost
-CLEAR_LEAD = 0.15  # one choice this much faster (relative) is probed less often
-FAR = 4
+PROBE_COST = 0.005  # throughput given to probing the losing choice (relative)
 
 
 def bucket(batch: int) -> int:
@@ -75,69 +84,103 @@ class _Window:
 
 class _Bucket:
     def __init__(self, window: int):
-        self.draft, self.skip, self.steps = _Window(window), _Window(window), 0
+        self.draft, self.skip, self.steps, self.since_probe = _Window(window), _Window(window), 0, 0
 
 
 class DraftGate:
     """Call `decide(R, now)` at the start of every draft step, then `emitted(tokens)` once the
     step's expected emitted tokens are known (a step that does not draft emits R)."""
 
-    def __init__(self, probe_every: int = 16, warmup: int = 4, window: int = 32, max_step_s: float = 5.0):
-        if probe_every < 2 or warmup < 1 or window < warmup or max_step_s <= 0:
-            raise DSparkError("DraftGate: need probe_every >= 2, warmup >= 1, window >= warmup, max_step_s > 0")
-        self.probe_every, self.warmup, self.window, self.max_step_s = probe_every, warmup, window, max_step_s
+    def __init__(self, probe_min: int = 4, probe_max: int = 64, warmup: int = 4, window: int = 16,
+                 max_step_s: float = 5.0):
+        if not 2 <= probe_min <= probe_max or warmup < 1 or window < warmup or max_step_s <= 0:
+            raise DSparkError("DraftGate: need 2 <= probe_min <= probe_max, warmup >= 1, window >= warmup, "
+                              "max_step_s > 0")
+        self.probe_min, self.probe_max = probe_min, probe_max
+        self.warmup, self.window, self.max_step_s = warmup, window, max_step_s
         self.buckets: dict[int, _Bucket] = {}
-        self._pending: tuple[int, bool, float, int] | None = None   # (bucket, drafted, start time, R)
+        # The open step: bucket, drafted, start time, requests, drafts verified (None: unknown).
+        self._pending: tuple[int, bool, float, int, int | None] | None = None
         self._tokens: float | None = None
         self.steps = 0
         self.skipped = 0
+        self.dropped = 0   # steps not measured because a prefill shared their target pass
 
     def reset(self) -> None:
         """Forget the open step (e.g. the engine went idle); measurements are kept."""
         self._pending, self._tokens = None, None
 
-    def _close(self, now: float) -> None:
+    def _close(self, now: float, step_tokens: int | None) -> None:
         if self._pending is None or self._tokens is None:
             return
-        b, drafted, start, _ = self._pending
+        b, drafted, start, batch, verified = self._pending
+        if step_tokens is not None and verified is not None and step_tokens > batch + verified:
+            self.dropped += 1
+            return
         seconds = now - start
         # A long gap is the engine idling between requests, not the cost of the step.
         if 0 < seconds <= self.max_step_s:
             stats = self.buckets[b]
             (stats.draft if drafted else stats.skip).add(self._tokens, seconds)
 
-    def decide(self, batch: int, now: float, accepted: float | None = None) -> bool:
-        """True: draft this step. Closes the previous step's measurement at `now`; `accepted` is
-        the number of drafts the target accepted in that step, when the engine can tell (it
-        replaces the expected count given to `emitted`: a head calibrated on other prompts than
-        the ones being served would otherwise make drafting look better or worse than it is)."""
+    def _ready(self, stats: _Bucket) -> bool:
+        return stats.draft.n >= self.warmup and stats.skip.n >= self.warmup
+
+    def _prior(self, b: int) -> bool | None:
+        """What the nearest measured neighbour implies for bucket b (see the module docstring)."""
+        for other in sorted((k for k in self.buckets if k < b), reverse=True):
+            s = self.buckets[other]
+            if self._ready(s) and s.skip.rate > s.draft.rate:
+                return False
+        for other in sorted(k for k in self.buckets if k > b):
+            s = self.buckets[other]
+            if self._ready(s) and s.draft.rate > s.skip.rate:
+                return True
+        return None
+
+    def decide(self, batch: int, now: float, accepted: float | None = None, step_tokens: int | None = None) -> bool:
+        """True: draft this step. Closes the previous step's measurement at `now`.
+
+        accepted: drafts the target accepted in that step, when the engine can tell (it replaces
+        the expected count given to `emitted`: a head calibrated on other prompts than the ones
+        being served would otherwise make drafting look better or worse than it is).
+        step_tokens: tokens the target processed in that step; more than its requests plus their
+        verified drafts means a prefill shared the pass, and the step is not measured.
+        """
         if accepted is not None and self._pending is not None and self._pending[1]:
             self._tokens = self._pending[3] + max(0.0, float(accepted))
-        self._close(now)
+        self._close(now, step_tokens)
         b = bucket(batch)
         stats = self.buckets.get(b)
         if stats is None:
             stats = self.buckets[b] = _Bucket(self.window)
         stats.steps += 1
-        if stats.draft.n < self.warmup:
-            draft = True
-        elif stats.skip.n < self.warmup:
-            draft = False
-        else:
+        stats.since_probe += 1
+        if self._ready(stats):
             rd, rs = stats.draft.rate, stats.skip.rate
             draft = rd >= rs
-            clear = abs(rd - rs) > CLEAR_LEAD * max(rd, rs)
-            if stats.steps % (self.probe_every * (FAR if clear else 1)) == 0:
-                draft = not draft
+            gap = abs(rd - rs) / max(rd, rs, 1e-9)
+            every = min(self.probe_max, max(self.probe_min, round(gap / PROBE_COST)))
+        else:
+            prior = self._prior(b)
+            draft, every = (stats.draft.n <= stats.skip.n, 0) if prior is None else (prior, self.probe_min)
+        if not every:  # alternating warm-up: probes count from its end
+            stats.since_probe = 0
+        elif stats.since_probe >= every:
+            draft, stats.since_probe = not draft, 0
         self.steps += 1
         self.skipped += not draft
-        self._pending, self._tokens = (b, draft, now, batch), (float(batch) if not draft else None)
+        self._pending = (b, draft, now, batch, None if draft else 0)
+        self._tokens = float(batch) if not draft else None
         return draft
 
-    def emitted(self, tokens: float) -> None:
-        """Expected tokens emitted by the step just decided (R + expected accepted drafts)."""
+    def emitted(self, tokens: float, verified: int | None = None) -> None:
+        """Expected tokens emitted by the step just decided (R + expected accepted drafts), and
+        the drafts it hands the target to verify (for the prefill check; None: not known)."""
         if self._pending is not None:
             self._tokens = float(tokens)
+            if verified is not None:
+                self._pending = (*self._pending[:4], int(verified))
 
     def summary(self) -> str:
         parts = []
@@ -146,4 +189,5 @@ class DraftGate:
             if s.draft.n and s.skip.n:
                 parts.append(f"R~{b}: {s.draft.rate:.1f} vs {s.skip.rate:.1f} tok/s")
         return (f"draft gate: drafted {self.steps - self.skipped} of {self.steps} steps"
-                + (f" (drafting vs not: {'; '.join(parts)})" if parts else ""))
+                + (f" (drafting vs not: {'; '.join(parts)})" if parts else "")
+                + (f"; {self.dropped} steps with a prefill not measured" if self.dropped else ""))

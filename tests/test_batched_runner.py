@@ -107,7 +107,7 @@ def test_draft_gate_skips_whole_steps_and_output_stays_identical(llama, referenc
 
     ps, ref = reference
     # warmup 1, probe every 2nd step: both choices are taken whatever the timings say.
-    gate = DraftGate(probe_every=2, warmup=1)
+    gate = DraftGate(probe_min=2, probe_max=2, warmup=1)
     out = BatchedRunner(llama, tiny_drafter(llama), sps=sps, draft_gate=gate).generate(ps, max_new_tokens=40)
     assert [r.tokens for r in out.results] == ref
     assert 0 < gate.skipped < gate.steps == out.num_steps
@@ -212,7 +212,7 @@ def test_sampling_with_scheduler_keeps_target_distribution(gated):
         drafter.confidence_head.proj.bias.fill_(1.5)
     from dspark_plugin.draft_gate import DraftGate
 
-    gate = DraftGate(probe_every=2, warmup=1) if gated else None
+    gate = DraftGate(probe_min=2, probe_max=2, warmup=1) if gated else None
     runner = BatchedRunner(target, drafter, sps=lambda b: 1.0 / (1.0 + 0.06 * max(0, b - 4)), draft_gate=gate)
     prompt, load = [2, 3, 4], [[5, 1], [3, 3, 2, 5], [4]]
     trials, observed, verified = 500, {}, []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dspark_plugin.draft_gate import DraftGate, bucket
+from dspark_plugin.draft_gate import PROBE_COST, DraftGate, bucket
 from dspark_plugin.errors import DSparkError
 from dspark_plugin.scheduler import prefix_survival
 from dspark_plugin.sps import SPSCurve
@@ -28,37 +28,75 @@ def run(gate: DraftGate, steps: int, batch: int, draft_step_s: float, draft_toke
     return choices, clock
 
 
-def test_warmup_tries_both_then_skips_where_drafting_does_not_pay():
-    gate = DraftGate(probe_every=16, warmup=4)
+def probe_interval(rate_a: float, rate_b: float) -> int:
+    return min(64, max(4, round(abs(rate_a - rate_b) / max(rate_a, rate_b) / PROBE_COST)))
+
+
+def test_warmup_alternates_then_skips_where_drafting_does_not_pay():
+    gate = DraftGate(warmup=4)
     # Drafting: 1.2 tokens per request in 50 ms; not drafting: 1 token in 30 ms -> skip is faster.
-    choices, _ = run(gate, 160, 16, 0.050, 1.2, 0.030)
-    assert choices[:4] == [True] * 4 and choices[4:8] == [False] * 4
-    later = choices[9:]
-    drafted = [i + 9 for i, d in enumerate(later) if d]
-    # Only the periodic probes draft once it knows; skipping leads by 28%, so every 64th step.
-    assert drafted and all((i + 1) % 64 == 0 for i in drafted)
-    assert gate.skipped == 160 - len(drafted) - 4
+    choices, _ = run(gate, 200, 16, 0.050, 1.2, 0.030)
+    assert choices[:8] == [True, False] * 4  # both windows fill side by side, under the same load
+    drafted = [i for i, d in enumerate(choices) if d and i >= 8]
+    # Only the probes draft once it knows; skipping leads by 28%, so a probe every 56 steps.
+    every = probe_interval(16 * 1.2 / 0.05, 16 / 0.03)
+    assert every == 56 and drafted == [7 + every, 7 + 2 * every, 7 + 3 * every]
+    assert gate.skipped == 200 - len(drafted) - 4
     s = gate.buckets[16]
     assert s.draft.rate == pytest.approx(16 * 1.2 / 0.05) and s.skip.rate == pytest.approx(16 / 0.03)
 
 
-def test_drafts_where_drafting_pays():
-    gate = DraftGate(probe_every=16, warmup=4)
+def test_drafts_where_drafting_pays_and_probes_a_close_call_often():
+    gate = DraftGate(warmup=4)
     # 1.4 tokens per request in 40 ms vs 1 token in 30 ms -> drafting is 5% faster: a close call.
     choices, _ = run(gate, 160, 1, 0.040, 1.4, 0.030)
     skipped = [i for i, d in enumerate(choices) if not d]
-    assert skipped[:4] == [4, 5, 6, 7]
-    assert skipped[4:] and all((i + 1) % 16 == 0 for i in skipped[4:])  # probes every 16th after warm-up
+    assert skipped[:4] == [1, 3, 5, 7]
+    every = probe_interval(1.4 / 0.04, 1 / 0.03)
+    assert every == 10 and skipped[4:] == list(range(7 + every, 160, every))
     assert "drafted" in gate.summary() and "R~1" in gate.summary()
 
 
-def test_buckets_are_independent_and_follow_the_load():
-    gate = DraftGate(probe_every=16, warmup=2)
+def test_buckets_follow_the_load():
+    gate = DraftGate(warmup=2)
     _, clock = run(gate, 64, 1, 0.045, 2.0, 0.030)          # low load: drafting pays
     choices, clock = run(gate, 64, 32, 0.200, 1.1, 0.120, clock)  # high load: it does not
     assert sum(choices[-32:]) <= 2
     choices, _ = run(gate, 32, 1, 0.045, 2.0, 0.030, clock)     # back to low load: drafts again
     assert sum(choices) >= 30
+
+
+def test_a_new_bucket_borrows_from_a_measured_neighbour():
+    gate = DraftGate(warmup=2)
+    _, clock = run(gate, 32, 4, 0.060, 1.1, 0.040)  # at R = 4 not drafting already wins
+    # R = 16 has no samples yet: drafting pays even less at a larger batch, so it starts skipping
+    # and drafts only every 4th step (the probes that give the bucket its own samples).
+    choices, clock = run(gate, 9, 16, 0.200, 1.1, 0.120, clock)
+    assert [i for i, d in enumerate(choices) if d] == [3, 7]
+    assert gate.buckets[16].draft.n == 2  # now its own measurements decide
+    # The other direction: drafting wins at R = 16, so R = 8 (never seen) drafts from the start.
+    gate = DraftGate(warmup=2)
+    _, clock = run(gate, 32, 16, 0.050, 3.0, 0.040)
+    choices, _ = run(gate, 8, 8, 0.050, 3.0, 0.040, clock)
+    assert choices == [True, True, True, False] * 2
+    # A smaller bucket where drafting wins says nothing about a larger one: plain warm-up.
+    gate = DraftGate(warmup=2)
+    _, clock = run(gate, 32, 1, 0.050, 3.0, 0.040)
+    choices, _ = run(gate, 4, 8, 0.050, 3.0, 0.040, clock)
+    assert choices == [True, False, True, False]
+
+
+def test_a_step_that_shared_its_pass_with_a_prefill_is_not_measured():
+    gate = DraftGate(warmup=1)
+    assert gate.decide(4, 0.0)
+    gate.emitted(4 + 2.0, verified=6)
+    # The target processed 4 requests + 6 drafts + a 300-token prompt: not this choice's cost.
+    assert gate.decide(4, 0.5, accepted=2, step_tokens=310)  # still no sample: warm-up drafts again
+    assert gate.buckets[4].draft.n == 0 and gate.dropped == 1
+    gate.emitted(4 + 2.0, verified=6)
+    assert not gate.decide(4, 0.56, accepted=2, step_tokens=10)  # a plain decode step: measured
+    assert gate.buckets[4].draft.n == 1 and gate.buckets[4].draft.rate == pytest.approx(100.0)
+    assert "1 steps with a prefill not measured" in gate.summary()
 
 
 def test_idle_gaps_are_not_step_costs():
@@ -96,8 +134,10 @@ def test_measured_acceptance_replaces_the_expected_count():
 
 
 def test_bad_gate_settings():
-    with pytest.raises(DSparkError, match="probe_every"):
-        DraftGate(probe_every=1)
+    with pytest.raises(DSparkError, match="probe_min"):
+        DraftGate(probe_min=1)
+    with pytest.raises(DSparkError, match="probe_min"):
+        DraftGate(probe_min=8, probe_max=4)
     assert settings_from_env({}).draft_gate is True
     assert settings_from_env({"DSPARK_DRAFT_GATE": "Off"}).draft_gate is False
     with pytest.raises(DSparkError, match="DSPARK_DRAFT_GATE: 'maybe' is not one of on, off"):
@@ -117,7 +157,7 @@ def test_planner_feeds_the_gate_expected_tokens_and_counts_skips_as_zero_verifie
     surv = prefix_survival(conf.double())
     expected = 3 + sum(float(surv[r, :l].sum()) for r, l in enumerate(lengths))
     assert gate._tokens == pytest.approx(expected)
-    assert not planner.should_draft(3, 0.05)  # warm-up of the other choice
+    assert not planner.should_draft(3, 0.05, step_tokens=3 + sum(lengths))  # warm-up of the other choice
     planner.skip(3, 7)
     assert gate.buckets[3].draft.rate == pytest.approx(expected / 0.05)
     # vLLM reports the drafts rejected in the step that ran: accepted = verified - rejected.

@@ -229,7 +229,8 @@ class DSparkProposer(DFlashProposer):
             # Only the gate reads it: summing would sync the device every step for nothing.
             rejected = (int(num_rejected_tokens_gpu.sum())
                         if self.planner.gate is not None and num_rejected_tokens_gpu is not None else None)
-            draft = num_speculative_tokens > 0 and self.planner.should_draft(batch, t0, rejected)
+            draft = num_speculative_tokens > 0 and self.planner.should_draft(
+                batch, t0, rejected, step_tokens=int(target_token_ids.shape[0]))
         except Exception:  # noqa: BLE001
             logger.exception("dspark-plugin: draft gate failed; drafting this step")
             draft = num_speculative_tokens > 0

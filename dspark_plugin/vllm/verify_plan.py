@@ -120,21 +120,23 @@ class VerifyPlanner:
         else:
             self._draft_s = DRAFT_COST_DECAY * self._draft_s + (1 - DRAFT_COST_DECAY) * seconds
 
-    def should_draft(self, batch: int, now: float, rejected: int | None = None) -> bool:
+    def should_draft(self, batch: int, now: float, rejected: int | None = None,
+                     step_tokens: int | None = None) -> bool:
         """Whether this step drafts at all (always, unless the draft gate is on and says no).
 
         rejected: drafts the target rejected in the step that just ran (vLLM's
         `num_rejected_tokens_gpu`, summed), so the gate counts accepted drafts, not expected ones.
+        step_tokens: tokens the target processed in that step (a prefill among them: not measured).
         """
         if self.gate is None:
             return True
         accepted = None if rejected is None else max(0, self._verified_last - int(rejected))
-        return self.gate.decide(batch, now, accepted)
+        return self.gate.decide(batch, now, accepted, step_tokens)
 
     def skip(self, batch: int, gamma: int) -> None:
         """A step that verifies no drafts (gate closed, or the draft failed)."""
         if self.gate is not None:
-            self.gate.emitted(batch)
+            self.gate.emitted(batch, verified=0)
             if self.gate.skipped == 1 and self._log is not None and not self._told_skip:
                 self._told_skip = True  # once: the proof in a log that the gate acts
                 self._log(f"dspark-plugin draft gate: first step without a draft (batch of {batch})")
@@ -156,7 +158,7 @@ class VerifyPlanner:
                                                   max_batch_tokens=self.max_batch_tokens).tolist()
             if self.gate is not None:  # expected tokens: one per request + the verified survivals
                 keep = torch.arange(g)[None, :] < torch.tensor(lengths)[:, None]
-                self.gate.emitted(R + float(survival[keep].sum()))
+                self.gate.emitted(R + float(survival[keep].sum()), verified=sum(lengths))
         self.record(lengths, g)
         return lengths
 
