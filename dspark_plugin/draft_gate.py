@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from typing import NamedTuple
 
 from dspark_plugin.errors import DSparkError
 
@@ -84,7 +85,16 @@ class _Window:
 
 class _Bucket:
     def __init__(self, window: int):
-        self.draft, self.skip, self.steps, self.since_probe = _Window(window), _Window(window), 0, 0
+        self.draft, self.skip, self.since_probe = _Window(window), _Window(window), 0
+
+
+class _Step(NamedTuple):
+    """The step being measured: decided at `start`, closed at the next decision."""
+    bucket: int
+    drafted: bool
+    start: float
+    batch: int
+    verified: int | None   # drafts handed to the target (None: not known)
 
 
 class DraftGate:
@@ -99,8 +109,7 @@ class DraftGate:
         self.probe_min, self.probe_max = probe_min, probe_max
         self.warmup, self.window, self.max_step_s = warmup, window, max_step_s
         self.buckets: dict[int, _Bucket] = {}
-        # The open step: bucket, drafted, start time, requests, drafts verified (None: unknown).
-        self._pending: tuple[int, bool, float, int, int | None] | None = None
+        self._pending: _Step | None = None
         self._tokens: float | None = None
         self.steps = 0
         self.skipped = 0
@@ -113,15 +122,15 @@ class DraftGate:
     def _close(self, now: float, step_tokens: int | None) -> None:
         if self._pending is None or self._tokens is None:
             return
-        b, drafted, start, batch, verified = self._pending
-        if step_tokens is not None and verified is not None and step_tokens > batch + verified:
+        step = self._pending
+        if step_tokens is not None and step.verified is not None and step_tokens > step.batch + step.verified:
             self.dropped += 1
             return
-        seconds = now - start
+        seconds = now - step.start
         # A long gap is the engine idling between requests, not the cost of the step.
         if 0 < seconds <= self.max_step_s:
-            stats = self.buckets[b]
-            (stats.draft if drafted else stats.skip).add(self._tokens, seconds)
+            stats = self.buckets[step.bucket]
+            (stats.draft if step.drafted else stats.skip).add(self._tokens, seconds)
 
     def _ready(self, stats: _Bucket) -> bool:
         return stats.draft.n >= self.warmup and stats.skip.n >= self.warmup
@@ -147,14 +156,13 @@ class DraftGate:
         step_tokens: tokens the target processed in that step; more than its requests plus their
         verified drafts means a prefill shared the pass, and the step is not measured.
         """
-        if accepted is not None and self._pending is not None and self._pending[1]:
-            self._tokens = self._pending[3] + max(0.0, float(accepted))
+        if accepted is not None and self._pending is not None and self._pending.drafted:
+            self._tokens = self._pending.batch + max(0.0, float(accepted))
         self._close(now, step_tokens)
         b = bucket(batch)
         stats = self.buckets.get(b)
         if stats is None:
             stats = self.buckets[b] = _Bucket(self.window)
-        stats.steps += 1
         stats.since_probe += 1
         if self._ready(stats):
             rd, rs = stats.draft.rate, stats.skip.rate
@@ -170,7 +178,7 @@ class DraftGate:
             draft, stats.since_probe = not draft, 0
         self.steps += 1
         self.skipped += not draft
-        self._pending = (b, draft, now, batch, None if draft else 0)
+        self._pending = _Step(b, draft, now, batch, None if draft else 0)
         self._tokens = float(batch) if not draft else None
         return draft
 
@@ -180,7 +188,7 @@ class DraftGate:
         if self._pending is not None:
             self._tokens = float(tokens)
             if verified is not None:
-                self._pending = (*self._pending[:4], int(verified))
+                self._pending = self._pending._replace(verified=int(verified))
 
     def summary(self) -> str:
         parts = []

@@ -25,10 +25,9 @@ from vllm.logger import init_logger
 
 from dspark_plugin.vllm.versions import VllmBuild
 
-logger = init_logger("dspark_plugin.vllm")
-# Under "vllm.": vLLM configures handlers for its own loggers only, so INFO lines that must show in
-# a server's log (what the tests read) go through this one.
-served_logger = init_logger("vllm.dspark_plugin.patch_v1")
+# Under "vllm.": vLLM configures handlers for its own loggers only, so the INFO lines saying which
+# patches are active would otherwise never reach a server's log.
+logger = init_logger("vllm.dspark_plugin.patch_v1")
 
 V1_REFUSAL = "dspark speculative decoding"
 DRAFTER_ARCH = "Qwen3DSparkModel"
@@ -229,8 +228,9 @@ def plain_sampling_without_drafts() -> bool:
     sampler, also when no request has a draft; the draft gate makes such steps the common case
     under load. With zero drafts the rejection sampler reduces to sampling the bonus token from the
     target's logits, which is what the plain sampler does, minus a copy of the [R, vocab] logits
-    and the empty rejection pass (~2 ms of a ~100 ms step at 32 requests under cProfile, 2 CPU cores). The logits
-    are the same rows (one per request), so the output distribution is the target's either way.
+    and the empty rejection pass (~2 ms of a ~100 ms step at 32 requests under cProfile, 2 CPU
+    cores). The logits are the same rows (one per request), so the output distribution is the
+    target's either way.
     Only for DSpark, only on CPU (where it is tested), never with async scheduling.
     """
     from vllm.platforms import current_platform
@@ -254,7 +254,7 @@ def plain_sampling_without_drafts() -> bool:
         return sample(self, logits, spec_decode_metadata, *args, **kwargs)
 
     runner_cls._sample = sample_plain_without_drafts
-    served_logger.info("dspark-plugin: steps that verify no drafts are sampled by vLLM's plain sampler")
+    logger.info("dspark-plugin: steps that verify no drafts are sampled by vLLM's plain sampler")
     return True
 
 
