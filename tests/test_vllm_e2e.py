@@ -156,8 +156,9 @@ def test_scheduler_greedy_identical_and_verifies_less_than_the_block(plain_outpu
     # those steps are inside the identical outputs above.
     assert "dspark-plugin draft gate: on" in scheduler_run["log"]
     assert "dspark-plugin draft gate: first step without a draft" in scheduler_run["log"]
-    # ...and those steps were sampled by vLLM's plain sampler (patch_v1.plain_sampling_without_drafts).
-    assert "steps that verify no drafts are sampled by vLLM's plain sampler" in scheduler_run["log"]
+    # ...and the steps after them, with no drafts scheduled, ran vLLM's non-speculative input path
+    # and plain sampler (patch_v1.plain_steps_without_drafts), the drafter resuming after them.
+    assert "first decode step with no drafts scheduled ran vLLM's non-speculative path" in scheduler_run["log"]
     drafts, tokens = spec_delta(before, after, "num_drafts"), spec_delta(before, after, "num_draft_tokens")
     # Request-steps that emitted tokens: each emits its accepted drafts + 1.
     steps = (after["vllm:generation_tokens"] - before.get("vllm:generation_tokens", 0.0)

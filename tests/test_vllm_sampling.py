@@ -52,6 +52,9 @@ NUM_SPEC = 7           # the drafter's whole block, as served by default
 N_WRONG = 200          # temperature-0.5 samples for the power check (a gross error needs few)
 MIN_EXPECTED = 5.0     # chi-square cells need >= 5 expected counts; the rest are pooled
 ALPHA = 0.01           # pass threshold; with fixed seeds the outcome is reproducible
+# For the scheduled engine: verified tokens are free up to B = 96 (a full batch of 64 plus half a
+# draft each), then cost a fiftieth of a step each, so verify lengths vary between requests.
+SCHEDULER_SPS = {"batch_sizes": [1, 96, 512], "sps": [25.0, 25.0, 25.0 / (1 + 0.02 * 416)]}
 
 
 def drafter_dir() -> Path:
@@ -120,6 +123,18 @@ def worker(config_file: str, out_file: str) -> None:
     result["spec"] = {"t1": _engine_samples(llm, cfg["prompt_ids"], 1.0, cfg["n"], 0)}
     result["spec_metrics"] = _spec_metrics(llm)
     result["spec_s"] = time.time() - t0
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    # The same drafter with the confidence scheduler and draft gate on: per-request verify lengths,
+    # whole steps without drafts (vLLM's non-speculative path, patch_v1.plain_steps_without_drafts)
+    # between drafted ones. Seeds 2N + N_WRONG.. : independent of both samples above.
+    t0 = time.time()
+    os.environ.update(DSPARK_SCHEDULER="early_stop", DSPARK_SPS=cfg["sps"])
+    llm = LLM(cfg["target"], speculative_config={"method": "dspark", "model": cfg["drafter"],
+                                                  "num_speculative_tokens": cfg["num_spec"]}, **engine_args)
+    result["sched"] = {"t1": _engine_samples(llm, cfg["prompt_ids"], 1.0, cfg["n"], 2 * cfg["n"] + cfg["n_wrong"])}
+    result["sched_metrics"] = _spec_metrics(llm)
+    result["sched_s"] = time.time() - t0
     llm.llm_engine.engine_core.shutdown()
     Path(out_file).write_text(json.dumps(result))
 
@@ -200,9 +215,12 @@ def prompt_ids(target) -> list[int]:
 def runs(target, prompt_ids, tmp_path_factory) -> dict:
     from dspark_plugin.vllm.testing import vllm_env
 
+    from dspark_plugin.sps import SPSCurve
+
     tmp = tmp_path_factory.mktemp("vllm_sampling")
+    SPSCurve.from_dict(SCHEDULER_SPS).save(tmp / "sps.json", "sampling-test")
     cfg = {"target": str(target), "drafter": str(drafter_dir()), "prompt_ids": prompt_ids, "n": N,
-           "n_wrong": N_WRONG, "num_spec": NUM_SPEC}
+           "n_wrong": N_WRONG, "num_spec": NUM_SPEC, "sps": str(tmp / "sps.json")}
     (tmp / "config.json").write_text(json.dumps(cfg))
     t0 = time.time()
     # OMP_NUM_THREADS=1 unless the caller chose otherwise: the machine is shared.
@@ -215,7 +233,7 @@ def runs(target, prompt_ids, tmp_path_factory) -> dict:
     result = json.loads((tmp / "out.json").read_text())
     result["log"] = log
     print(f"\nengines: plain {result['plain_s']:.0f}s, dspark {result['spec_s']:.0f}s, "
-          f"subprocess {time.time() - t0:.0f}s")
+          f"dspark scheduled {result['sched_s']:.0f}s, subprocess {time.time() - t0:.0f}s")
     return result
 
 
@@ -265,6 +283,28 @@ def test_dspark_samples_match_plain_engine(runs, exact):
     p = two_sample_p(counts(runs["spec"]["t1"], cells), counts(runs["plain"]["t1"], cells))
     print(f"\ndspark vs plain engine: p = {p:.4f}")
     assert p > ALPHA
+
+
+def test_scheduled_dspark_samples_match_exact_target_distribution(runs, exact):
+    """Scheduler + draft gate: some requests verify a prefix, some steps verify no drafts at all
+    (vLLM's non-speculative path), and the drafter resumes after them; the output distribution
+    must still be the target's."""
+    m = runs["sched_metrics"]
+    drafts, tokens = m.get("vllm:spec_decode_num_drafts", 0), m.get("vllm:spec_decode_num_draft_tokens", 0)
+    accepted = m.get("vllm:spec_decode_num_accepted_tokens", 0)
+    print(f"\nscheduled: {tokens:.0f} draft tokens verified in {drafts:.0f} verifying request-steps, "
+          f"{accepted:.0f} accepted")
+    assert "dspark-plugin scheduler: mode early_stop" in runs["log"]
+    assert "dspark-plugin draft gate: first step without a draft" in runs["log"]
+    assert "first decode step with no drafts scheduled ran vLLM's non-speculative path" in runs["log"]
+    # Drafts were verified, accepted and rejected, and not always the full block.
+    assert drafts > 0 and 0 < accepted < tokens < NUM_SPEC * drafts
+    assert all(len(s) == MAX_TOKENS for s in runs["sched"]["t1"])
+    cells, probs = _cells(exact)
+    p = one_sample_p(counts(runs["sched"]["t1"], cells), probs)
+    p_two = two_sample_p(counts(runs["sched"]["t1"], cells), counts(runs["plain"]["t1"], cells))
+    print(f"scheduled dspark vs exact target: p = {p:.4f}; vs plain engine: p = {p_two:.4f}")
+    assert p > ALPHA and p_two > ALPHA
 
 
 def test_plain_engine_matches_exact_target_distribution(runs, exact):

