@@ -10,26 +10,31 @@ drafting at all: the target decodes one token per request, exactly as without sp
 
 Decision per engine step, from measurements of *earlier* steps only:
 - the batch size R picks a bucket (exact up to 4 requests, then powers of two);
-- per bucket and per choice (draft / no draft) the gate keeps the last `window` steps' wall time
-  (from this decision to the next one: the draft, then the target step that verifies it) and
-  tokens emitted (no draft: R; draft: R plus the drafts the target accepted, as the engine
-  reports them at the next step, or, where it cannot, the scheduler's expected count, the sum of
-  the verified prefix survivals), and their rate (tokens over seconds, waits left out). A step
-  whose target pass also prefilled a new request (the engine processed more tokens than R plus
-  the drafts verified) is not a sample: its cost is the prompt's, and it would land in whichever
-  window happened to be open;
-- it drafts iff drafting has the higher tokens per second, and now and then tries the choice not
-  taken (a probe), so both estimates follow the workload. A probe of the losing choice costs
-  about the gap between the two rates, so probes come every `gap / PROBE_COST` steps (clamped
-  to `probe_min`..`probe_max`): a close call is re-measured often and cheaply, a clear one
-  rarely; either way probing costs about `PROBE_COST` of the throughput;
-- a bucket with fewer than `warmup` samples of either choice first borrows from its neighbours:
-  drafting pays less as the batch grows (the draft and the longer verify both scale with R, the
-  step time of a compute-bound engine too), so a smaller bucket where not drafting wins means
-  "skip" here, and a larger bucket where drafting wins means "draft"; the other choice is then
-  probed every `probe_min`-th step until this bucket has its own samples. With no such
-  neighbour it alternates draft / no draft (both windows then fill at the same time, under the
-  same load, rather than one after the other).
+- a step's sample is its tokens per second: wall time from this decision to the next one (the
+  draft, then the target step that verifies it) and tokens emitted (no draft: R; draft: R plus the
+  drafts the target accepted, as the engine reports them at the next step, or, where it cannot,
+  the scheduler's expected count, the sum of the verified prefix survivals). A step whose target
+  pass also prefilled a new request (the engine processed more tokens than R plus the drafts
+  verified) is not a sample: its cost is the prompt's;
+- choices are compared in *pairs* of neighbouring steps: a step that took the other choice than
+  the steps just before it in its bucket (at most `pair_steps` steps earlier) gives one ratio,
+  its rate over their mean rate. Comparing each choice's own average over a window would compare
+  different moments: the choice taken every step has a window of the last second, the other one
+  of the last minute, and on a shared machine the speed drifts by tens of percent in a minute;
+  within a bucket the batch also drifts (a load level that drains from 16 requests to 9 runs at a
+  third fewer tokens/s), so windows from different moments mostly measure when they were taken;
+- it drafts iff the median of the bucket's last `window` ratios (drafting over not) is >= 1 (the
+  median: a client's pause that lands in one step must not decide), and now and then tries the
+  choice not taken (a probe, which is also what gives the next ratio). A probe of the losing
+  choice costs about the gap between the two, so probes come every `gap / PROBE_COST` steps
+  (clamped to `probe_min`..`probe_max`): a close call is re-measured often and cheaply, a clear
+  one rarely; either way probing costs about `PROBE_COST` of the throughput;
+- a bucket with fewer than `warmup` ratios first borrows from its neighbours: drafting pays less
+  as the batch grows (the draft and the longer verify both scale with R, the step time of a
+  compute-bound engine too), so a smaller bucket where not drafting wins means "skip" here, and a
+  larger bucket where drafting wins means "draft"; the other choice is then probed every
+  `probe_min`-th step until this bucket has its own ratios. With no such neighbour it alternates
+  draft / no draft (each pair then one step apart).
 
 Lossless: whether a step verifies anything is decided before any of its draft tokens exist (from
 past steps' timings and survivals), and a step without drafts is plain target decoding.
@@ -37,14 +42,15 @@ past steps' timings and survivals), and a step without drafts is plain target de
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from typing import NamedTuple
 
 from dspark_plugin.errors import DSparkError
 
 EXACT_BUCKETS = 4
-OUTLIER = 3.0  # a step slower than this many times the window's median is a wait, not a cost
 PROBE_COST = 0.005  # throughput given to probing the losing choice (relative)
+RUN = 4  # steps of the current choice a probe is compared with
 
 
 def bucket(batch: int) -> int:
@@ -54,38 +60,35 @@ def bucket(batch: int) -> int:
     return 1 << math.ceil(math.log2(batch))
 
 
-class _Window:
-    """The last `size` steps of one choice in one bucket: (tokens emitted, wall seconds).
-
-    The rate is total tokens over total seconds of the steps that look like steps: a wall time over
-    `OUTLIER` x the median is the engine waiting (for the next request, for a client that just got
-    its answer), not what the choice cost; left in, one such gap would swamp a window of 40 ms steps.
-    """
-
-    def __init__(self, size: int):
-        self.samples: deque[tuple[float, float]] = deque(maxlen=size)
-
-    @property
-    def n(self) -> int:
-        return len(self.samples)
-
-    def add(self, tokens: float, seconds: float) -> None:
-        self.samples.append((tokens, seconds))
-
-    @property
-    def rate(self) -> float:
-        if not self.samples:
-            return 0.0
-        secs = sorted(s for _, s in self.samples)
-        limit = OUTLIER * secs[len(secs) // 2]
-        kept = [(t, s) for t, s in self.samples if s <= limit]
-        total = sum(s for _, s in kept)
-        return sum(t for t, _ in kept) / total if total > 0 else 0.0
-
-
 class _Bucket:
+    """One bucket's measurements: the run of same-choice samples since the last pair, and the pairs."""
+
     def __init__(self, window: int):
-        self.draft, self.skip, self.since_probe = _Window(window), _Window(window), 0
+        self.ratios: deque[float] = deque(maxlen=window)   # log(drafting rate / not drafting rate)
+        self.run: list[float] = []          # rates of the latest same-choice steps not yet paired
+        self.run_drafted = False
+        self.run_step = 0                   # gate step of the run's last sample
+        self.samples = {True: 0, False: 0}  # samples per choice (drafted: True)
+        self.since_probe = 0
+
+    def add(self, drafted: bool, rate: float, step: int, pair_steps: int) -> None:
+        self.samples[drafted] += 1
+        fresh = bool(self.run) and step - self.run_step <= pair_steps
+        if fresh and drafted != self.run_drafted:
+            # The other choice than the steps just before: one pair, and both sides are used up.
+            base = sum(self.run) / len(self.run)
+            if rate > 0 and base > 0:
+                self.ratios.append(math.log(rate / base) if drafted else math.log(base / rate))
+            self.run = []
+        else:
+            self.run = [*self.run[-(RUN - 1):], rate] if fresh else [rate]
+            self.run_drafted = drafted
+        self.run_step = step
+
+    @property
+    def ratio(self) -> float:
+        """Median of drafting's tokens/s over not drafting's, pair by pair (1.0: no pairs yet)."""
+        return math.exp(statistics.median(self.ratios)) if self.ratios else 1.0
 
 
 class _Step(NamedTuple):
@@ -102,12 +105,13 @@ class DraftGate:
     step's expected emitted tokens are known (a step that does not draft emits R)."""
 
     def __init__(self, probe_min: int = 4, probe_max: int = 64, warmup: int = 4, window: int = 16,
-                 max_step_s: float = 5.0):
-        if not 2 <= probe_min <= probe_max or warmup < 1 or window < warmup or max_step_s <= 0:
+                 max_step_s: float = 5.0, pair_steps: int = 8):
+        if (not 2 <= probe_min <= probe_max or warmup < 1 or window < warmup or max_step_s <= 0
+                or pair_steps < 1):
             raise DSparkError("DraftGate: need 2 <= probe_min <= probe_max, warmup >= 1, window >= warmup, "
-                              "max_step_s > 0")
+                              "max_step_s > 0, pair_steps >= 1")
         self.probe_min, self.probe_max = probe_min, probe_max
-        self.warmup, self.window, self.max_step_s = warmup, window, max_step_s
+        self.warmup, self.window, self.max_step_s, self.pair_steps = warmup, window, max_step_s, pair_steps
         self.buckets: dict[int, _Bucket] = {}
         self._pending: _Step | None = None
         self._tokens: float | None = None
@@ -129,21 +133,20 @@ class DraftGate:
         seconds = now - step.start
         # A long gap is the engine idling between requests, not the cost of the step.
         if 0 < seconds <= self.max_step_s:
-            stats = self.buckets[step.bucket]
-            (stats.draft if step.drafted else stats.skip).add(self._tokens, seconds)
+            self.buckets[step.bucket].add(step.drafted, self._tokens / seconds, self.steps, self.pair_steps)
 
     def _ready(self, stats: _Bucket) -> bool:
-        return stats.draft.n >= self.warmup and stats.skip.n >= self.warmup
+        return len(stats.ratios) >= self.warmup
 
     def _prior(self, b: int) -> bool | None:
         """What the nearest measured neighbour implies for bucket b (see the module docstring)."""
         for other in sorted((k for k in self.buckets if k < b), reverse=True):
             s = self.buckets[other]
-            if self._ready(s) and s.skip.rate > s.draft.rate:
+            if self._ready(s) and s.ratio < 1.0:
                 return False
         for other in sorted(k for k in self.buckets if k > b):
             s = self.buckets[other]
-            if self._ready(s) and s.draft.rate > s.skip.rate:
+            if self._ready(s) and s.ratio > 1.0:
                 return True
         return None
 
@@ -165,13 +168,13 @@ class DraftGate:
             stats = self.buckets[b] = _Bucket(self.window)
         stats.since_probe += 1
         if self._ready(stats):
-            rd, rs = stats.draft.rate, stats.skip.rate
-            draft = rd >= rs
-            gap = abs(rd - rs) / max(rd, rs, 1e-9)
+            ratio = stats.ratio
+            draft = ratio >= 1.0
+            gap = abs(1.0 - ratio) / max(1.0, ratio)   # the loser's shortfall, relative to the winner
             every = min(self.probe_max, max(self.probe_min, round(gap / PROBE_COST)))
         else:
             prior = self._prior(b)
-            draft, every = (stats.draft.n <= stats.skip.n, 0) if prior is None else (prior, self.probe_min)
+            draft, every = (stats.samples[True] <= stats.samples[False], 0) if prior is None else (prior, self.probe_min)
         if not every:  # alternating warm-up: probes count from its end
             stats.since_probe = 0
         elif stats.since_probe >= every:
@@ -194,8 +197,8 @@ class DraftGate:
         parts = []
         for b in sorted(self.buckets):
             s = self.buckets[b]
-            if s.draft.n and s.skip.n:
-                parts.append(f"R~{b}: {s.draft.rate:.1f} vs {s.skip.rate:.1f} tok/s")
+            if s.ratios:
+                parts.append(f"R~{b}: {s.ratio:.2f} ({len(s.ratios)} pairs)")
         return (f"draft gate: drafted {self.steps - self.skipped} of {self.steps} steps"
-                + (f" (drafting vs not: {'; '.join(parts)})" if parts else "")
+                + (f" (tokens/s drafting over not: {'; '.join(parts)})" if parts else "")
                 + (f"; {self.dropped} steps with a prefill not measured" if self.dropped else ""))
