@@ -17,7 +17,10 @@ confidence scheduler and the draft gate, the defaults); dspark-scheduler-nogate 
 with DSPARK_DRAFT_GATE=off: every step drafts the full block). `--rounds N` starts every
 configuration's server N times, in alternating order (A B C D, D C B A, ...), and reports the mean
 tokens/s over rounds with its spread: one server run's throughput varies by +-15-30% on a small
-shared CPU, so ratios from single runs are weak.
+shared CPU, so ratios from single runs are weak. With several rounds it also reports each
+configuration over no-spec *paired by round* (the servers of one round run back to back, under the
+same background load): the geometric mean of the per-round ratios and its 95% confidence interval,
+and the same for the scheduler over the better of no-spec and fixed block.
 Writes results.json, summary.md and (with matplotlib) scheduler.png to --out.
 
     python benchmarks/vllm_scheduler.py                      # the full run (tens of minutes)
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import sys
@@ -154,19 +158,53 @@ def fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (beyond 10: the value at 10, a bit wide).
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+
+
+def paired(result: dict[str, Any], name: str, others: list[str], c: str) -> dict[str, Any] | None:
+    """`name`'s tokens/s over the best of `others` in the *same round*, round by round: the geometric
+    mean ratio and its 95% confidence interval (t over the log ratios). Rounds start the servers
+    back to back, so a ratio within a round shares the machine's load of those minutes; the spread
+    of these ratios is the noise a claim has to clear. None with fewer than 2 complete rounds."""
+    rows = [result["runs"].get(n, {}).get(c, {}).get("output_tokens_per_s_rounds") for n in [name, *others]]
+    if any(r is None for r in rows) or len({len(r) for r in rows}) != 1 or len(rows[0]) < 2:
+        return None
+    ratios = [mine / max(theirs) for mine, *theirs in zip(*rows)]
+    logs = [math.log(x) for x in ratios]
+    n = len(logs)
+    mean = sum(logs) / n
+    half = T95[min(n - 1, 10)] * math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1) / n)
+    return {"ratios": ratios, "mean": math.exp(mean), "low": math.exp(mean - half), "high": math.exp(mean + half)}
+
+
+def fmt_paired(p: dict[str, Any] | None) -> str:
+    return "-" if p is None else f"{p['mean']:.2f} ({p['low']:.2f}-{p['high']:.2f})"
+
+
 def table(result: dict[str, Any]) -> str:
     base = result["runs"].get("no-spec", {})
-    lines = ["| config | concurrency | out tok/s | spread over rounds | x no-spec | mean verified length "
-             "| verified per verifying step | acceptance length |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | concurrency | out tok/s | spread over rounds | x no-spec | x no-spec, paired by round "
+             "(95% CI) | mean verified length | verified per verifying step | acceptance length |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, by_c in result["runs"].items():
         for c, r in by_c.items():
             ref = base.get(c, {}).get("output_tokens_per_s")
             ratio = r["output_tokens_per_s"] / ref if ref else None
             spread = r.get("output_tokens_per_s_spread")
+            pair = paired(result, name, ["no-spec"], c) if name != "no-spec" else None
             lines.append(f"| {name} | {c} | {r['output_tokens_per_s']:.1f} | "
-                         f"{'-' if spread is None else format(spread, '.0%')} | {fmt(ratio)} | "
+                         f"{'-' if spread is None else format(spread, '.0%')} | {fmt(ratio)} | {fmt_paired(pair)} | "
                          f"{fmt(r.get('mean_verified_length'))} | {fmt(r.get('verified_per_verifying_step'))} | "
                          f"{fmt(r.get('acceptance_length'))} |")
+    rivals = [n for n in ("no-spec", "dspark-fixed") if n in result["runs"]]
+    if "dspark-scheduler" in result["runs"] and len(rivals) == 2:
+        lines += ["", "dspark-scheduler over the better of no-spec and dspark-fixed in the same round:", "",
+                  "| concurrency | per round | geometric mean (95% CI) |", "|---|---|---|"]
+        for c in result["runs"]["dspark-scheduler"]:
+            p = paired(result, "dspark-scheduler", rivals, c)
+            if p is not None:
+                lines.append(f"| {c} | {' '.join(f'{x:.2f}' for x in p['ratios'])} | {fmt_paired(p)} |")
     return "\n".join(lines)
 
 
@@ -251,6 +289,14 @@ def main(argv: list[str] | None = None) -> int:
             if lines:
                 result["proposer_log"][tag] = lines[:1] + lines[-2:]
             (out / "results.json").write_text(json.dumps(result, indent=2))
+    rivals = [n for n in ("no-spec", "dspark-fixed") if n in result["runs"]]
+    result["paired"] = {  # per-round ratios (see `paired`): against no-spec, and the scheduler against both
+        **{f"{n}/no-spec": {c: paired(result, n, ["no-spec"], c) for c in result["runs"][n]}
+           for n in result["runs"] if n != "no-spec" and "no-spec" in result["runs"]},
+        **({"dspark-scheduler/best-of-" + "+".join(rivals): {
+            c: paired(result, "dspark-scheduler", rivals, c) for c in result["runs"]["dspark-scheduler"]}}
+           if "dspark-scheduler" in result["runs"] and len(rivals) == 2 else {}),
+    }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     md = (f"### vLLM confidence scheduler, {result['target_name']} + {result['drafter_name']} ({result['date']})\n\n"
           f"`{result['command']}`\n\nMachine: {result['machine']}; greedy, max {args.max_tokens} new tokens, "

