@@ -147,7 +147,8 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
         ax.set_ylabel(ylabel)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     ax1.set_title(f"{result['target_name']} + {result['drafter_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -233,7 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerun", action="store_true",
                    help="keep the other configurations of <out>/results.json and replace only the --only ones "
                         "(e.g. one disturbed by other load)")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: rewrite <out>/summary.md, the plot and the paired statistics from <out>/results.json")
     args = p.parse_args(argv)
+    if args.report:
+        report(json.loads((Path(args.out) / "results.json").read_text()), Path(args.out))
+        return 0
     if args.smoke:
         args.concurrency, args.prompts, args.max_tokens, args.max_model_len = [1, 4], 4, 16, 1024
     if args.drafter is None:
@@ -289,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
             if lines:
                 result["proposer_log"][tag] = lines[:1] + lines[-2:]
             (out / "results.json").write_text(json.dumps(result, indent=2))
+    report(result, out)
+    return 0
+
+
+def report(result: dict[str, Any], out: Path) -> None:
+    """Paired statistics into results.json, then summary.md, the table and the plot."""
     rivals = [n for n in ("no-spec", "dspark-fixed") if n in result["runs"]]
     result["paired"] = {  # per-round ratios (see `paired`): against no-spec, and the scheduler against both
         **{f"{n}/no-spec": {c: paired(result, n, ["no-spec"], c) for c in result["runs"][n]}
@@ -299,14 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     md = (f"### vLLM confidence scheduler, {result['target_name']} + {result['drafter_name']} ({result['date']})\n\n"
-          f"`{result['command']}`\n\nMachine: {result['machine']}; greedy, max {args.max_tokens} new tokens, "
-          f"SPS curve {sps}.\n\n{table(result)}\n")
+          f"`{result['command']}`\n\nMachine: {result['machine']}; greedy, max {result['max_tokens']} new tokens, "
+          f"SPS curve {result['sps']}.\n\n{table(result)}\n")
     (out / "summary.md").write_text(md)
     print(table(result))
     if plot(result, out / "scheduler.png"):
         print(f"plot: {out / 'scheduler.png'}")
     print(f"results: {out / 'results.json'}")
-    return 0
 
 
 if __name__ == "__main__":

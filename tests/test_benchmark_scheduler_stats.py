@@ -62,3 +62,18 @@ def test_no_interval_without_complete_rounds(bench):
                         ["no-spec"], "16") is None
     assert bench.paired(result({"no-spec": [100.0, 90.0], "dspark-scheduler": [90.0]}), "dspark-scheduler",
                         ["no-spec"], "16") is None  # a failed server start: rounds no longer line up
+
+
+def test_report_rewrites_the_summary_from_saved_results(bench, tmp_path):
+    import json
+
+    r = result({"no-spec": [100.0, 120.0], "dspark-fixed": [60.0, 70.0], "dspark-scheduler": [104.0, 114.0]})
+    r.update(target_name="t", drafter_name="d", date="2026-11-29", command="python benchmarks/vllm_scheduler.py",
+             machine="m", max_tokens=64, sps="sps.json")
+    (tmp_path / "results.json").write_text(json.dumps(r))
+    assert bench.main(["--report", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["paired"]["dspark-scheduler/no-spec"]["16"]["ratios"] == pytest.approx([1.04, 0.95])
+    assert saved["paired"]["dspark-scheduler/best-of-no-spec+dspark-fixed"]["16"]["mean"] == pytest.approx(
+        math.sqrt(1.04 * 0.95))
+    assert "| dspark-scheduler | 16 | 109.0 |" in (tmp_path / "summary.md").read_text()
