@@ -10,30 +10,33 @@ drafting at all: the target decodes one token per request, exactly as without sp
 
 Decision per engine step, from measurements of *earlier* steps only:
 - the batch size R picks a bucket (exact up to 4 requests, then powers of two);
-- a step's sample is its tokens per second: wall time from this decision to the next one (the
+- a step's sample is its wall time from this decision to the next one (the
   draft, then the target step that verifies it) and tokens emitted (no draft: R; draft: R plus the
   drafts the target accepted, as the engine reports them at the next step, or, where it cannot,
   the scheduler's expected count, the sum of the verified prefix survivals). A step whose target
   pass also prefilled a new request (the engine processed more tokens than R plus the drafts
   verified) is not a sample: its cost is the prompt's;
 - choices are compared in *pairs* of neighbouring steps: a step that took the other choice than
-  the steps just before it in its bucket (at most `pair_steps` steps earlier) gives one ratio,
-  its rate over their mean rate. Comparing each choice's own average over a window would compare
-  different moments: the choice taken every step has a window of the last second, the other one
-  of the last minute, and on a shared machine the speed drifts by tens of percent in a minute;
-  within a bucket the batch also drifts (a load level that drains from 16 requests to 9 runs at a
-  third fewer tokens/s), so windows from different moments mostly measure when they were taken;
-- it drafts iff the median of the bucket's last `window` ratios (drafting over not) is >= 1 (the
-  median: a client's pause that lands in one step must not decide), and now and then tries the
-  choice not taken (a probe, which is also what gives the next ratio). A probe of the losing
-  choice costs about the gap between the two, so probes come every `gap / PROBE_COST` steps
-  (clamped to `probe_min`..`probe_max`): a close call is re-measured often and cheaply, a clear
-  one rarely; either way probing costs about `PROBE_COST` of the throughput;
-- a bucket with fewer than `warmup` ratios first borrows from its neighbours: drafting pays less
+  the (up to 4) steps just before it in its bucket, at most `pair_steps` steps earlier, is valued
+  against them over its own time: the tokens it emitted vs the tokens their tokens/s would have
+  emitted in that time. Comparing each choice's own average over a window would compare different
+  moments: the choice taken every step has a window of the last second, the other one of the last
+  minute, and on a shared machine the speed drifts by tens of percent in a minute; within a bucket
+  the batch also drifts (a load level that drains from 16 requests to 9 runs at a third fewer
+  tokens/s), so windows from different moments mostly measure when they were taken. A step slower
+  than `OUTLIER` x its choice's median is the engine waiting (for a request, for a client), not a
+  sample;
+- it drafts iff, summed over the bucket's last `window` pairs, drafting earned at least as many
+  tokens as not drafting, and now and then tries the choice not taken (a probe, which is also what
+  gives the next pair). A probe of the losing choice costs about the gap between the two, so
+  probes come every `gap / PROBE_COST` steps (clamped to `probe_min`..`probe_max`): a close call
+  is re-measured often and cheaply, a clear one rarely; either way probing costs about
+  `PROBE_COST` of the throughput;
+- a bucket with fewer than `warmup` pairs first borrows from its neighbours: drafting pays less
   as the batch grows (the draft and the longer verify both scale with R, the step time of a
   compute-bound engine too), so a smaller bucket where not drafting wins means "skip" here, and a
   larger bucket where drafting wins means "draft"; the other choice is then probed every
-  `probe_min`-th step until this bucket has its own ratios. With no such neighbour it alternates
+  `probe_min`-th step until this bucket has its own pairs. With no such neighbour it alternates
   draft / no draft (each pair then one step apart).
 
 Lossless: whether a step verifies anything is decided before any of its draft tokens exist (from
@@ -51,6 +54,7 @@ from dspark_plugin.errors import DSparkError
 EXACT_BUCKETS = 4
 PROBE_COST = 0.005  # throughput given to probing the losing choice (relative)
 RUN = 4  # steps of the current choice a probe is compared with
+OUTLIER = 3.0  # a step slower than this many times its choice's median is a wait, not a cost
 
 
 def bucket(batch: int) -> int:
@@ -61,34 +65,43 @@ def bucket(batch: int) -> int:
 
 
 class _Bucket:
-    """One bucket's measurements: the run of same-choice samples since the last pair, and the pairs."""
+    """One bucket's measurements: the run of same-choice steps since the last pair, and the pairs."""
 
     def __init__(self, window: int):
-        self.ratios: deque[float] = deque(maxlen=window)   # log(drafting rate / not drafting rate)
-        self.run: list[float] = []          # rates of the latest same-choice steps not yet paired
+        # Per pair: (tokens drafting earned, tokens not drafting earned) in the same time.
+        self.pairs: deque[tuple[float, float]] = deque(maxlen=window)
+        self.run: list[tuple[float, float]] = []  # (tokens, seconds) of the latest same-choice steps
         self.run_drafted = False
-        self.run_step = 0                   # gate step of the run's last sample
-        self.samples = {True: 0, False: 0}  # samples per choice (drafted: True)
+        self.run_step = 0                          # gate step of the run's last sample
+        self.seconds = {True: deque(maxlen=window), False: deque(maxlen=window)}  # recent step times
+        self.samples = {True: 0, False: 0}         # samples per choice (drafted: True)
         self.since_probe = 0
 
-    def add(self, drafted: bool, rate: float, step: int, pair_steps: int) -> None:
+    def add(self, drafted: bool, tokens: float, seconds: float, step: int, pair_steps: int) -> None:
+        recent = self.seconds[drafted]
+        if len(recent) >= 3 and seconds > OUTLIER * statistics.median(recent):
+            return  # the engine waited (for the next request, for a client): not what the choice costs
+        recent.append(seconds)
         self.samples[drafted] += 1
         fresh = bool(self.run) and step - self.run_step <= pair_steps
         if fresh and drafted != self.run_drafted:
-            # The other choice than the steps just before: one pair, and both sides are used up.
-            base = sum(self.run) / len(self.run)
-            if rate > 0 and base > 0:
-                self.ratios.append(math.log(rate / base) if drafted else math.log(base / rate))
+            # The other choice than the steps just before: one pair, valued over this step's time at
+            # the run's tokens/s; both sides are then used up.
+            rate = sum(t for t, _ in self.run) / sum(s for _, s in self.run)
+            self.pairs.append((tokens, rate * seconds) if drafted else (rate * seconds, tokens))
             self.run = []
         else:
-            self.run = [*self.run[-(RUN - 1):], rate] if fresh else [rate]
+            self.run = [*self.run[-(RUN - 1):], (tokens, seconds)] if fresh else [(tokens, seconds)]
             self.run_drafted = drafted
         self.run_step = step
 
     @property
     def ratio(self) -> float:
-        """Median of drafting's tokens/s over not drafting's, pair by pair (1.0: no pairs yet)."""
-        return math.exp(statistics.median(self.ratios)) if self.ratios else 1.0
+        """Tokens drafting earned over tokens not drafting earned in the same time, summed over the
+        pairs (1.0: no pairs yet). Sums, not a median of per-pair ratios: at low load most drafted
+        steps gain little and a few gain several tokens, and the mean is what throughput sees."""
+        earned = sum(b for _, b in self.pairs)
+        return sum(a for a, _ in self.pairs) / earned if earned > 0 else 1.0
 
 
 class _Step(NamedTuple):
@@ -104,7 +117,7 @@ class DraftGate:
     """Call `decide(R, now)` at the start of every draft step, then `emitted(tokens)` once the
     step's expected emitted tokens are known (a step that does not draft emits R)."""
 
-    def __init__(self, probe_min: int = 4, probe_max: int = 64, warmup: int = 4, window: int = 16,
+    def __init__(self, probe_min: int = 4, probe_max: int = 64, warmup: int = 4, window: int = 32,
                  max_step_s: float = 5.0, pair_steps: int = 8):
         if (not 2 <= probe_min <= probe_max or warmup < 1 or window < warmup or max_step_s <= 0
                 or pair_steps < 1):
@@ -133,10 +146,10 @@ class DraftGate:
         seconds = now - step.start
         # A long gap is the engine idling between requests, not the cost of the step.
         if 0 < seconds <= self.max_step_s:
-            self.buckets[step.bucket].add(step.drafted, self._tokens / seconds, self.steps, self.pair_steps)
+            self.buckets[step.bucket].add(step.drafted, self._tokens, seconds, self.steps, self.pair_steps)
 
     def _ready(self, stats: _Bucket) -> bool:
-        return len(stats.ratios) >= self.warmup
+        return len(stats.pairs) >= self.warmup
 
     def _prior(self, b: int) -> bool | None:
         """What the nearest measured neighbour implies for bucket b (see the module docstring)."""
@@ -197,8 +210,8 @@ class DraftGate:
         parts = []
         for b in sorted(self.buckets):
             s = self.buckets[b]
-            if s.ratios:
-                parts.append(f"R~{b}: {s.ratio:.2f} ({len(s.ratios)} pairs)")
+            if s.pairs:
+                parts.append(f"R~{b}: {s.ratio:.2f} ({len(s.pairs)} pairs)")
         return (f"draft gate: drafted {self.steps - self.skipped} of {self.steps} steps"
                 + (f" (tokens/s drafting over not: {'; '.join(parts)})" if parts else "")
                 + (f"; {self.dropped} steps with a prefill not measured" if self.dropped else ""))

@@ -113,7 +113,7 @@ def test_draft_gate_skips_whole_steps_and_output_stays_identical(llama, referenc
     assert 0 < gate.skipped < gate.steps == out.num_steps
     assert all(r.fallbacks == 0 for r in out.results)  # a skipped step is not a drafter failure
     assert sum(sum(r.accepted) for r in out.results) > 0
-    assert sum(len(b.ratios) for b in gate.buckets.values()) > 0  # it compared the two choices
+    assert sum(len(b.pairs) for b in gate.buckets.values()) > 0  # it compared the two choices
 
 
 def test_broken_drafter_falls_back_to_target(llama, reference):
