@@ -149,6 +149,20 @@ def scheduler_run(target, drafter_and_prompts, tmp_path_factory):
     return {"outputs": outputs, "before": before, "after": after, "sampled": sampled, "log": server.log_tail(10**7)}
 
 
+def test_prefix_cache_hit_keeps_its_last_block_and_the_output(dspark_server, drafter_and_prompts):
+    """A resent prompt longer than a cache block (128 tokens on CPU) hits the prefix cache with
+    DSpark too: vLLM drops the last matched block for hidden-state drafters, which for a prompt of
+    one or two blocks is the whole hit; DSpark's context K/V needs no recomputation
+    (patch_v1.keep_prefix_cache_blocks). The hit's output equals the first, uncached one."""
+    long_prompt = [t for p in drafter_and_prompts[1][:6] for t in p][:300]
+    before = dspark_server.metrics()
+    first = greedy(dspark_server, long_prompt)
+    again = greedy(dspark_server, long_prompt)
+    hits = dspark_server.metrics().get("vllm:prefix_cache_hits", 0.0) - before.get("vllm:prefix_cache_hits", 0.0)
+    assert hits >= 256  # both full blocks of the 300-token prompt
+    assert again == first
+
+
 def test_scheduler_greedy_identical_and_verifies_less_than_the_block(plain_outputs, scheduler_run):
     outputs, before, after = scheduler_run["outputs"], scheduler_run["before"], scheduler_run["after"]
     assert len(outputs) >= 10

@@ -95,7 +95,8 @@ for name, (drafter, n) in CASES.items():
     try:
         cfg = args.create_engine_config()
         result["configs"][name] = {"ok": True, "method": cfg.speculative_config.method,
-                                   "v1": not cfg.use_v2_model_runner, "lookahead": cfg.num_lookahead_tokens}
+                                   "v1": not cfg.use_v2_model_runner, "lookahead": cfg.num_lookahead_tokens,
+                                   "block_drop": cfg.speculative_config.use_eagle_block_drop()}
     except Exception as e:
         result["configs"][name] = {"ok": False, "error": str(e)}
 print(json.dumps(result))
@@ -153,7 +154,9 @@ def test_registration_is_idempotent_and_honours_vllm_plugins(with_plugin, withou
 
 
 def test_v1_accepts_dspark_only_with_the_plugin(with_plugin, without_plugin):
-    assert with_plugin["configs"]["good"] == {"ok": True, "method": "dspark", "v1": True, "lookahead": 7}
+    # block_drop False: prefix-cache hits keep their last block (patch_v1.keep_prefix_cache_blocks).
+    assert with_plugin["configs"]["good"] == {"ok": True, "method": "dspark", "v1": True, "lookahead": 7,
+                                              "block_drop": False}
     refused = without_plugin["configs"]["good"]
     assert not refused["ok"] and "does not support: dspark speculative decoding" in refused["error"]
 
