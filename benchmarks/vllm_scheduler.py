@@ -183,6 +183,13 @@ def fmt_paired(p: dict[str, Any] | None) -> str:
     return "-" if p is None else f"{p['mean']:.2f} ({p['low']:.2f}-{p['high']:.2f})"
 
 
+def rivals(result: dict[str, Any]) -> list[str] | None:
+    """The configurations the scheduler must beat round by round (no-spec and the fixed block), when
+    the scheduler and both of them ran; None otherwise."""
+    names = ["no-spec", "dspark-fixed"]
+    return names if all(n in result["runs"] for n in ["dspark-scheduler", *names]) else None
+
+
 def table(result: dict[str, Any]) -> str:
     base = result["runs"].get("no-spec", {})
     lines = ["| config | concurrency | out tok/s | spread over rounds | x no-spec | x no-spec, paired by round "
@@ -198,12 +205,12 @@ def table(result: dict[str, Any]) -> str:
                          f"{'-' if spread is None else format(spread, '.0%')} | {fmt(ratio)} | {fmt_paired(pair)} | "
                          f"{fmt(r.get('mean_verified_length'))} | {fmt(r.get('verified_per_verifying_step'))} | "
                          f"{fmt(r.get('acceptance_length'))} |")
-    rivals = [n for n in ("no-spec", "dspark-fixed") if n in result["runs"]]
-    if "dspark-scheduler" in result["runs"] and len(rivals) == 2:
+    best_of = rivals(result)
+    if best_of:
         lines += ["", "dspark-scheduler over the better of no-spec and dspark-fixed in the same round:", "",
                   "| concurrency | per round | geometric mean (95% CI) |", "|---|---|---|"]
         for c in result["runs"]["dspark-scheduler"]:
-            p = paired(result, "dspark-scheduler", rivals, c)
+            p = paired(result, "dspark-scheduler", best_of, c)
             if p is not None:
                 lines.append(f"| {c} | {' '.join(f'{x:.2f}' for x in p['ratios'])} | {fmt_paired(p)} |")
     return "\n".join(lines)
@@ -301,13 +308,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(result: dict[str, Any], out: Path) -> None:
     """Paired statistics into results.json, then summary.md, the table and the plot."""
-    rivals = [n for n in ("no-spec", "dspark-fixed") if n in result["runs"]]
+    best_of = rivals(result)
     result["paired"] = {  # per-round ratios (see `paired`): against no-spec, and the scheduler against both
         **{f"{n}/no-spec": {c: paired(result, n, ["no-spec"], c) for c in result["runs"][n]}
            for n in result["runs"] if n != "no-spec" and "no-spec" in result["runs"]},
-        **({"dspark-scheduler/best-of-" + "+".join(rivals): {
-            c: paired(result, "dspark-scheduler", rivals, c) for c in result["runs"]["dspark-scheduler"]}}
-           if "dspark-scheduler" in result["runs"] and len(rivals) == 2 else {}),
+        **({"dspark-scheduler/best-of-" + "+".join(best_of): {
+            c: paired(result, "dspark-scheduler", best_of, c) for c in result["runs"]["dspark-scheduler"]}}
+           if best_of else {}),
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     md = (f"### vLLM confidence scheduler, {result['target_name']} + {result['drafter_name']} ({result['date']})\n\n"

@@ -62,6 +62,12 @@ def _validate(speculative_config: Any) -> None:
                          speculative_config.num_speculative_tokens)
 
 
+def _accept(speculative_config: Any) -> None:
+    """A DSpark config the plugin serves: validate the drafter, then adapt vLLM's settings to it."""
+    _validate(speculative_config)
+    keep_prefix_cache_blocks(speculative_config)
+
+
 def keep_prefix_cache_blocks(speculative_config: Any) -> None:
     """Let a prefix-cache hit keep its last block (vLLM's `disable_eagle_block_drop`).
 
@@ -118,8 +124,7 @@ def _register_upstream() -> bool:
     def accepts(speculative_config: Any) -> bool:
         if not serves(speculative_config):
             return False
-        _validate(speculative_config)
-        keep_prefix_cache_blocks(speculative_config)
+        _accept(speculative_config)
         return True
 
     register_v1_proposer("dspark", V1ProposerEntry(factory=factory, uses_aux_hidden_states=True, accepts=accepts))
@@ -333,8 +338,7 @@ def apply(build: VllmBuild) -> bool:
     def unsupported_features(self: Any) -> list[str]:
         features = refusal(self)
         if serves(self.speculative_config):
-            _validate(self.speculative_config)
-            keep_prefix_cache_blocks(self.speculative_config)
+            _accept(self.speculative_config)
             features = [f for f in features if f != V1_REFUSAL]
         return features
 
