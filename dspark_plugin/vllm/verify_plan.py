@@ -15,6 +15,8 @@ Switches (read once, when the engine starts):
 - `DSPARK_DRAFT_GATE` = `on` (default with the scheduler) or `off`: skip the whole draft of a step
   when, at this batch size, drafting has been earning fewer tokens/s than not drafting
   (`dspark_plugin.draft_gate`). Never used with `fixed` (the full block every step).
+- `DSPARK_DEFER_CONTEXT` = `on` (default) or `off`: a step the gate skips keeps its context and
+  the next draft writes it (`vllm/deferred_context.py`); `off` writes it in the step.
 
 Step cost. The profiled curve is the *target's* decode step time at B verified tokens; a DSpark
 step also runs the drafter, whose cost depends on the number of requests, not on B. Leaving it out
@@ -38,6 +40,7 @@ from dspark_plugin.sps import SPSCurve
 ENV_MODE = "DSPARK_SCHEDULER"
 ENV_SPS = "DSPARK_SPS"
 ENV_GATE = "DSPARK_DRAFT_GATE"
+ENV_DEFER = "DSPARK_DEFER_CONTEXT"
 MODES = ("early_stop", "async", "fixed")
 DRAFT_COST_DECAY = 0.9  # running mean of the drafter's step time: recent steps weigh more
 
@@ -62,6 +65,16 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> SchedulerSettings
     if gate not in ("on", "off"):
         raise DSparkError(f"environment variable {ENV_GATE}: {env.get(ENV_GATE)!r} is not one of on, off")
     return SchedulerSettings(mode, path, gate == "on")
+
+
+def defer_context_from_env(env: Mapping[str, str] | None = None) -> bool:
+    """DSPARK_DEFER_CONTEXT: `on` (default) keeps a skipped step's context K/V for the next draft,
+    `off` writes it in the step (a diagnostic switch)."""
+    env = os.environ if env is None else env
+    value = (env.get(ENV_DEFER) or "on").strip().lower()
+    if value not in ("on", "off"):
+        raise DSparkError(f"environment variable {ENV_DEFER}: {env.get(ENV_DEFER)!r} is not one of on, off")
+    return value == "on"
 
 
 def resolve_mode(requested: str | None, curve: SPSCurve | None, has_confidence: bool) -> tuple[str, str | None]:
