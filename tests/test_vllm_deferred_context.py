@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dspark_plugin.errors import DSparkError
-from dspark_plugin.vllm.deferred_context import DeferredContext, context_slots
+from dspark_plugin.vllm.deferred_context import DeferredContext, _slots_torch, context_slots
 
 
 def _batch(seed: int, block_size: int):
@@ -47,7 +47,8 @@ def test_context_slots_match_vllm_dflash_input_kernel(seed):
            ctx_slots, torch.zeros(batch * (n + 1), dtype=torch.int64), torch.zeros(batch * n, dtype=torch.int32),
            table, table.stride(0), qsl, 0, 0, block_size, n + 1, n, num_tokens)
     assert (ctx_slots >= 0).all()
-    assert torch.equal(context_slots(positions, qsl, table, block_size), ctx_slots)
+    assert torch.equal(context_slots(positions, qsl, table, block_size), ctx_slots)   # numpy, on CPU
+    assert torch.equal(_slots_torch(positions, qsl, table, block_size), ctx_slots)   # torch, on devices
 
 
 def test_kept_steps_come_back_oldest_first_and_then_are_gone():

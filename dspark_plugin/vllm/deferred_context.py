@@ -12,6 +12,7 @@ the write (the K/V projection, norms, RoPE and cache insert per drafter layer): 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 MAX_TOKENS = 2048  # kept tokens that force a write: bounds memory (7 KB a token for 3 taps of 576)
@@ -20,13 +21,31 @@ MAX_TOKENS = 2048  # kept tokens that force a write: bounds memory (7 KB a token
 def context_slots(positions: torch.Tensor, query_start_loc: torch.Tensor, block_table: torch.Tensor,
                   block_size: int) -> torch.Tensor:
     """Paged-cache slot of each scheduled token, as vLLM's DFlash input kernel computes it."""
-    num_tokens = positions.shape[0]
+    if positions.device.type == "cpu" and block_table.device.type == "cpu":
+        # numpy on CPU: a handful of ops on a few dozen numbers, each torch op costs more in
+        # dispatch (and thread-pool wake-ups on a busy machine) than its work; this runs every step.
+        return torch.from_numpy(_slots_numpy(positions.numpy(), query_start_loc.numpy(), block_table.numpy(),
+                                             block_size))
+    return _slots_torch(positions, query_start_loc, block_table, block_size)
+
+
+def _slots_torch(positions: torch.Tensor, query_start_loc: torch.Tensor, block_table: torch.Tensor,
+                 block_size: int) -> torch.Tensor:
     counts = torch.diff(query_start_loc.long())
     rows = torch.repeat_interleave(torch.arange(counts.shape[0], device=positions.device), counts,
-                                   output_size=num_tokens)
+                                   output_size=positions.shape[0])
     pos = positions.long()
     column = torch.clamp(pos // block_size, max=block_table.shape[1] - 1)
     return block_table[rows, column].long() * block_size + pos % block_size
+
+
+def _slots_numpy(positions: np.ndarray, query_start_loc: np.ndarray, block_table: np.ndarray,
+                 block_size: int) -> np.ndarray:
+    counts = np.diff(query_start_loc.astype(np.int64))
+    rows = np.repeat(np.arange(counts.shape[0]), counts)
+    pos = positions.astype(np.int64)
+    column = np.minimum(pos // block_size, block_table.shape[1] - 1)
+    return block_table[rows, column].astype(np.int64) * block_size + pos % block_size
 
 
 class DeferredContext:
