@@ -54,15 +54,16 @@ def test_context_slots_match_vllm_dflash_input_kernel(seed):
 def test_kept_steps_come_back_oldest_first_and_then_are_gone():
     kept = DeferredContext(max_tokens=10)
     assert kept.take() is None
-    assert not kept.keep(torch.ones(4, 3), torch.arange(4), torch.arange(4) + 100)
+    assert kept.fits(9) and not kept.fits(10)
+    kept.keep(torch.ones(4, 3), torch.arange(4), torch.arange(4) + 100)
     hidden = torch.full((5, 3), 2.0)
-    assert not kept.keep(hidden, torch.arange(4, 9), torch.arange(4, 9) + 100)
+    kept.keep(hidden, torch.arange(4, 9), torch.arange(4, 9) + 100)
     hidden.fill_(-1.0)  # the runner reuses its buffers: what was kept must not change
-    assert kept.keep(torch.full((1, 3), 3.0), torch.tensor([9]), torch.tensor([109]))  # 10 tokens: write now
+    assert not kept.fits(1)  # 9 kept: a step of 1 brings them to the limit, so write first
     h, p, s = kept.take()
-    assert h[:, 0].tolist() == [1.0] * 4 + [2.0] * 5 + [3.0]
-    assert p.tolist() == list(range(10)) and s.tolist() == list(range(100, 110))
-    assert kept.take() is None and kept.tokens == 0
+    assert h[:, 0].tolist() == [1.0] * 4 + [2.0] * 5
+    assert p.tolist() == list(range(9)) and s.tolist() == list(range(100, 109))
+    assert kept.take() is None and kept.tokens == 0 and kept.fits(9)
 
 
 def test_defer_switch_reads_on_off_and_names_a_bad_value():

@@ -3,7 +3,8 @@
 Every target step's hidden states become the drafter's context K/V (DSPARK.md §1.2), which only
 a later draft reads. A step the draft gate skips therefore need not write it then: the proposer
 keeps the step's tapped hidden states, positions and slots here and writes all kept steps, oldest
-first, right before the next draft (or once `max_tokens` are kept). Writing in the order the steps
+first, right before the next draft (or when a step would bring them to `max_tokens`: then that step,
+a long prefill say, is written as it comes, without a copy). Writing in the order the steps
 ran leaves the drafter's cache exactly as writing each step at once would, also when a finished
 request's block went to another request in between (the newer write lands last), and a prefix-cache
 hit reads its blocks only in a draft, i.e. after the write. What it saves is the per-call cost of
@@ -54,12 +55,14 @@ class DeferredContext:
         self._kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.tokens = 0
 
-    def keep(self, hidden_states: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> bool:
-        """Keep one step's context; True when enough is kept that it should be written now."""
-        # Copies: the runner reuses its buffers in the next step.
+    def fits(self, num_tokens: int) -> bool:
+        """Whether `num_tokens` more can be kept; if not, write what is kept, then that step, now."""
+        return self.tokens + num_tokens < self.max_tokens
+
+    def keep(self, hidden_states: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+        """Keep one step's context (copies: the runner reuses its buffers in the next step)."""
         self._kept.append((hidden_states.clone(), positions.long().clone(), slots))
         self.tokens += hidden_states.shape[0]
-        return self.tokens >= self.max_tokens
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """All kept steps, oldest first, as (hidden states, positions, slots); then forgotten."""

@@ -156,12 +156,14 @@ class DSparkProposer(DFlashProposer):
         kwargs, slot_size = self.build_model_inputs_first_pass(num_tokens, num_input_tokens, None)
         return cad, num_tokens, num_input_tokens, across_dp, mode, kwargs, slot_size
 
+    def _write_context(self, hidden_states: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+        self.model.precompute_and_store_context_kv(self.model.combine_hidden_states(hidden_states), positions, slots)
+
     def _write_deferred(self) -> None:
         """The kept context of skipped steps into the drafter's cache, oldest first."""
         kept = self.deferred.take() if self.deferred is not None else None
         if kept is not None:
-            hidden, positions, slots = kept
-            self.model.precompute_and_store_context_kv(self.model.combine_hidden_states(hidden), positions, slots)
+            self._write_context(*kept)
 
     def _skip_context(self, target_token_ids, target_positions, target_hidden_states, next_token_ids,
                       cad, num_rejected_tokens_gpu) -> None:
@@ -169,10 +171,14 @@ class DSparkProposer(DFlashProposer):
         if self.deferred is not None:
             try:
                 num_tokens = target_hidden_states.shape[0]
-                slots = context_slots(target_positions[:num_tokens], cad.query_start_loc[:cad.batch_size() + 1],
+                positions = target_positions[:num_tokens]
+                slots = context_slots(positions, cad.query_start_loc[:cad.batch_size() + 1],
                                       cad.block_table_tensor, self.block_size)
-                if self.deferred.keep(target_hidden_states, target_positions[:num_tokens], slots):
+                if self.deferred.fits(num_tokens):
+                    self.deferred.keep(target_hidden_states, positions, slots)
+                else:  # enough kept: write it, then this step (a long prefill, say) without a copy
                     self._write_deferred()
+                    self._write_context(target_hidden_states, positions, slots)
                 return
             except Exception:  # noqa: BLE001 - keep serving: write each step's context as it comes
                 logger.exception("dspark-plugin: cannot defer the context K/V; writing it every step")
