@@ -67,9 +67,9 @@ def test_kept_steps_come_back_oldest_first_and_then_are_gone():
 
 
 def test_defer_switch_reads_on_off_and_names_a_bad_value():
-    from dspark_plugin.vllm.verify_plan import defer_context_from_env
+    from dspark_plugin.vllm.verify_plan import settings_from_env
 
-    assert defer_context_from_env({}) is True
-    assert defer_context_from_env({"DSPARK_DEFER_CONTEXT": "off"}) is False
+    assert settings_from_env({}).defer_context is True
+    assert settings_from_env({"DSPARK_DEFER_CONTEXT": "off"}).defer_context is False
     with pytest.raises(DSparkError, match="DSPARK_DEFER_CONTEXT"):
-        defer_context_from_env({"DSPARK_DEFER_CONTEXT": "later"})
+        settings_from_env({"DSPARK_DEFER_CONTEXT": "later"})

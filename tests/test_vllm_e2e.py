@@ -273,17 +273,23 @@ if __name__ == "__main__":
 """)
 
 
-def run_offline(target: Path, drafter: Path, prompts: list[list[int]], tmp_path: Path) -> dict:
-    script, prompts_file, out_file = tmp_path / "offline.py", tmp_path / "prompts.json", tmp_path / "out.json"
-    script.write_text(OFFLINE)
+def run_script(source: str, name: str, target: Path, drafter: Path, prompts: list[list[int]], tmp_path: Path,
+               **env: str) -> dict:
+    """Run an engine script (OFFLINE, DEFERRED) in its own process: its JSON result plus its log."""
+    script, prompts_file, out_file = tmp_path / f"{name}.py", tmp_path / "prompts.json", tmp_path / f"{name}.json"
+    script.write_text(source)
     prompts_file.write_text(json.dumps(prompts))
     proc = subprocess.run([sys.executable, str(script), str(target), str(drafter), str(prompts_file),
                            str(out_file), str(MAX_TOKENS)], capture_output=True, text=True, timeout=1200,
-                          env=vllm_env(VLLM_PLUGINS="dspark"))
+                          env=vllm_env(VLLM_PLUGINS="dspark", **env))
     assert proc.returncode == 0, proc.stderr[-5000:]
     result = json.loads(out_file.read_text())
     result["log"] = proc.stdout + proc.stderr
     return result
+
+
+def run_offline(target: Path, drafter: Path, prompts: list[list[int]], tmp_path: Path) -> dict:
+    return run_script(OFFLINE, "offline", target, drafter, prompts, tmp_path)
 
 
 def test_offline_llm_api_matches_plain_server(target, drafter_and_prompts, plain_outputs, tmp_path):
@@ -385,15 +391,8 @@ if __name__ == "__main__":
 
 
 def run_deferred(target: Path, drafter: Path, prompts: list[list[int]], tmp_path: Path, defer: str) -> dict:
-    script, prompts_file, out_file = tmp_path / "deferred.py", tmp_path / "prompts.json", tmp_path / f"{defer}.json"
-    script.write_text(DEFERRED)
-    prompts_file.write_text(json.dumps(prompts))
-    proc = subprocess.run([sys.executable, str(script), str(target), str(drafter), str(prompts_file),
-                           str(out_file), str(MAX_TOKENS)], capture_output=True, text=True, timeout=1200,
-                          env=vllm_env(VLLM_PLUGINS="dspark", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-                                       DSPARK_SCHEDULER="fixed", DSPARK_DEFER_CONTEXT=defer))
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return json.loads(out_file.read_text())
+    return run_script(DEFERRED, f"deferred-{defer}", target, drafter, prompts, tmp_path,
+                      VLLM_ENABLE_V1_MULTIPROCESSING="0", DSPARK_SCHEDULER="fixed", DSPARK_DEFER_CONTEXT=defer)
 
 
 def test_skipped_steps_context_written_later_drafts_the_same(target, drafter_and_prompts, plain_outputs, tmp_path):

@@ -45,7 +45,7 @@ from vllm.v1.spec_decode.dflash import DFlashProposer
 from dspark_plugin.draft import DraftBlock, sequential_draft
 from dspark_plugin.draft_gate import DraftGate
 from dspark_plugin.vllm.deferred_context import DeferredContext, context_slots
-from dspark_plugin.vllm.verify_plan import VerifyPlanner, defer_context_from_env, resolve_mode, settings_from_env
+from dspark_plugin.vllm.verify_plan import SchedulerSettings, VerifyPlanner, resolve_mode, settings_from_env
 
 # Under the "vllm." namespace: vLLM configures handlers for its own loggers only, so INFO lines of
 # any other logger (the scheduler mode at start-up, the periodic statistics) would be dropped.
@@ -88,16 +88,16 @@ class DSparkProposer(DFlashProposer):
         self.num_failed_plans = 0
         self._timing = {"steps": 0, "backbone_s": 0.0, "head_s": 0.0}
         self._last_draft_s = 0.0
-        self.planner = self._make_planner(vllm_config, runner)
+        settings = settings_from_env()  # read once, at start-up: a bad setting refuses to start
+        self.planner = self._make_planner(vllm_config, runner, settings)
         # Context of skipped steps, written before the next draft (DSPARK_DEFER_CONTEXT=off: at once).
-        self.deferred = DeferredContext() if defer_context_from_env() else None
+        self.deferred = DeferredContext() if settings.defer_context else None
 
-    def _make_planner(self, vllm_config: Any, runner: Any) -> VerifyPlanner:
-        """The verify-length policy, chosen once at start-up (a bad setting refuses to start)."""
+    def _make_planner(self, vllm_config: Any, runner: Any, settings: SchedulerSettings) -> VerifyPlanner:
+        """The verify-length policy, chosen once at start-up."""
         from dspark_plugin.sps import find_sps_curve
 
         spec = vllm_config.speculative_config
-        settings = settings_from_env()
         drafter_cfg = spec.draft_model_config.hf_config
         has_conf = bool(getattr(drafter_cfg, "enable_confidence_head", False))
         curve = None

@@ -50,10 +50,19 @@ class SchedulerSettings:
     mode: str | None       # None: not chosen (early_stop when a curve is found, else fixed)
     sps_path: str | None   # explicit SPS file, or None to look in the drafter dir / cache
     draft_gate: bool = True
+    defer_context: bool = True  # a skipped step's context K/V waits for the next draft
+
+
+def _on_off(env: Mapping[str, str], name: str) -> bool:
+    value = (env.get(name) or "on").strip().lower()
+    if value not in ("on", "off"):
+        raise DSparkError(f"environment variable {name}: {env.get(name)!r} is not one of on, off")
+    return value == "on"
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> SchedulerSettings:
-    """Read DSPARK_SCHEDULER / DSPARK_SPS; a bad value is one error naming the variable."""
+    """Read DSPARK_SCHEDULER / DSPARK_SPS / DSPARK_DRAFT_GATE / DSPARK_DEFER_CONTEXT; a bad value
+    is one error naming the variable."""
     env = os.environ if env is None else env
     mode = (env.get(ENV_MODE) or "").strip().lower() or None
     if mode is not None and mode not in MODES:
@@ -61,20 +70,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> SchedulerSettings
     path = (env.get(ENV_SPS) or "").strip() or None
     if path is not None and not os.path.isfile(path):
         raise DSparkError(f"environment variable {ENV_SPS}: {path}: SPS file not found")
-    gate = (env.get(ENV_GATE) or "on").strip().lower()
-    if gate not in ("on", "off"):
-        raise DSparkError(f"environment variable {ENV_GATE}: {env.get(ENV_GATE)!r} is not one of on, off")
-    return SchedulerSettings(mode, path, gate == "on")
-
-
-def defer_context_from_env(env: Mapping[str, str] | None = None) -> bool:
-    """DSPARK_DEFER_CONTEXT: `on` (default) keeps a skipped step's context K/V for the next draft,
-    `off` writes it in the step (a diagnostic switch)."""
-    env = os.environ if env is None else env
-    value = (env.get(ENV_DEFER) or "on").strip().lower()
-    if value not in ("on", "off"):
-        raise DSparkError(f"environment variable {ENV_DEFER}: {env.get(ENV_DEFER)!r} is not one of on, off")
-    return value == "on"
+    return SchedulerSettings(mode, path, _on_off(env, ENV_GATE), _on_off(env, ENV_DEFER))
 
 
 def resolve_mode(requested: str | None, curve: SPSCurve | None, has_confidence: bool) -> tuple[str, str | None]:
