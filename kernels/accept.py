@@ -1,6 +1,6 @@
 """Variable-length acceptance of a drafted prefix, one program per request (DSPARK.md §1.6).
 
-Semantics are those of dspark_plugin.verify: greedy accepts while the draft equals the target
+Semantics are those of dspark_plugin.decode.verify: greedy accepts while the draft equals the target
 argmax; rejection accepts x_j when u_j * p_d(x_j) < p_t(x_j), then draws the correction from
 normalise(max(0, p_t - p_d)) (p_t when that has no mass) or the bonus from p_t. The uniforms come
 in as tensors (u_accept [B, g], u_sample [B]) so the kernel and its twin make the same choices;

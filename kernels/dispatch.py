@@ -158,7 +158,7 @@ def prefix_survival(conf: torch.Tensor) -> torch.Tensor:
 
 def admit_topk(survival_: torch.Tensor, budget: int) -> torch.Tensor:
     """survival [R, g], token budget K -> verify lengths [R] covering the K largest survivals
-    (ties: smaller j, then smaller r, as dspark_plugin.scheduler._admission_order)."""
+    (ties: smaller j, then smaller r, as dspark_plugin.policy.verify_planner._admission_order)."""
     fn, twin = _pick("admit_topk", survival_), OPS["admit_topk"][1]
     r, g = survival_.shape
     if r * g == 0 or r * g > survival.MAX_ADMIT_ENTRIES // 4:  # one program sorts them all

@@ -1,7 +1,7 @@
 """Head prologue: latent vector z_k that W2 projects (vanilla W1[x], gated g * W1[x], RNN tanh(O)),
 the RNN state update, and the confidence logit; Triton device functions plus PyTorch twins.
 
-The twins use the very torch ops of dspark_plugin.heads so that on CPU they reproduce the core's
+The twins use the very torch ops of dspark_plugin.model.heads so that on CPU they reproduce the core's
 drafting bit for bit.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Prefix survival a_{r,j} = prod_{i<=j} c_{r,i}. Admission: given survivals a [R, g] and a token
 budget K, verify the K largest a_{r,j} across all requests. Because a is non-increasing along j
 and ties are broken towards the smaller j, then the smaller r (the order of
-dspark_plugin.scheduler._admission_order, so the scheduler's early stop and its top-K agree on
+dspark_plugin.policy.verify_planner._admission_order, so the scheduler's early stop and its top-K agree on
 ties), the admitted set is a prefix per request, so the result is a verify length per request.
 Ordering uses packed int64 keys (value, inverted j-major flat index j * R + r), which the kernel
 and the twin compute identically, so both select the very same set.

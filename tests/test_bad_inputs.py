@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dspark_plugin.checkpoint import load_drafter, save_drafter
+from dspark_plugin.checkpoint.deepspec import load_drafter, save_drafter
 from dspark_plugin.errors import DSparkCheckpointError, DSparkConfigError, DSparkError
-from dspark_plugin.runner import ReferenceRunner
+from dspark_plugin.reference.runner import ReferenceRunner
 from tiny import save_tiny_target, tiny_drafter, tiny_target
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dspark_plugin.batched_runner import BatchedRunner
 from dspark_plugin.errors import DSparkError
-from dspark_plugin.runner import ReferenceRunner
-from dspark_plugin.scheduler import prefix_survival, schedule_verify_lengths, verify_len_fn
+from dspark_plugin.policy.verify_planner import prefix_survival, schedule_verify_lengths, verify_len_fn
+from dspark_plugin.reference.batched_runner import BatchedRunner
+from dspark_plugin.reference.runner import ReferenceRunner
 from tiny import tiny_drafter, tiny_target
 
 
@@ -103,7 +103,7 @@ def test_sps_measured_when_not_given(llama, reference):
 
 
 def test_draft_gate_skips_whole_steps_and_output_stays_identical(llama, reference):
-    from dspark_plugin.draft_gate import DraftGate
+    from dspark_plugin.policy.draft_gate import DraftGate
 
     ps, ref = reference
     # warmup 1, probe every 2nd step: both choices are taken whatever the timings say.
@@ -182,7 +182,7 @@ def test_greedy_long_accepted_runs():
 
 def exact_first_tokens(target, prompt: list[int], n: int, temperature: float) -> dict[tuple, float]:
     """P(first n generated tokens) under the target, by enumerating every prefix."""
-    from dspark_plugin.sampling import logits_to_probs
+    from dspark_plugin.decode.sampling import logits_to_probs
 
     probs = {(): 1.0}
     with torch.no_grad():
@@ -210,7 +210,7 @@ def test_sampling_with_scheduler_keeps_target_distribution(gated):
     with torch.no_grad():  # a confidence that varies with context, so row 0's lengths vary
         drafter.confidence_head.proj.weight.mul_(10.0)
         drafter.confidence_head.proj.bias.fill_(1.5)
-    from dspark_plugin.draft_gate import DraftGate
+    from dspark_plugin.policy.draft_gate import DraftGate
 
     gate = DraftGate(probe_min=2, probe_max=2, warmup=1) if gated else None
     runner = BatchedRunner(target, drafter, sps=lambda b: 1.0 / (1.0 + 0.06 * max(0, b - 4)), draft_gate=gate)

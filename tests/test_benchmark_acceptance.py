@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dspark_plugin.checkpoint import save_drafter
+from dspark_plugin.checkpoint.deepspec import save_drafter
 from tiny import save_tiny_target, tiny_drafter
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "acceptance.py"

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from dspark_plugin.calibration import (
+from dspark_plugin.train.calibration import (
     CalibrationData,
     auc,
     calibrated_survival,
@@ -170,7 +170,7 @@ def trained(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from dspark_plugin.cli import main
-    from dspark_plugin.gen_data import generate_dataset
+    from dspark_plugin.train.gen_data import generate_dataset
     from tiny_target import WORDS, build_tiny_target
 
     root = tmp_path_factory.mktemp("calib")
@@ -191,8 +191,8 @@ def trained(tmp_path_factory):
 
 
 def test_calibration_lowers_held_out_ece_of_a_trained_drafter(trained):
-    from dspark_plugin.checkpoint import load_drafter
-    from dspark_plugin.prompts import encode_prompt, read_prompts
+    from dspark_plugin.checkpoint.deepspec import load_drafter
+    from dspark_plugin.reference.prompts import encode_prompt, read_prompts
     from transformers import AutoTokenizer
 
     model = trained["model"]
@@ -215,9 +215,9 @@ def test_calibration_lowers_held_out_ece_of_a_trained_drafter(trained):
 
 
 def test_cli_writes_temperatures_that_the_drafter_loads(trained, capsys):
-    from dspark_plugin.checkpoint import load_drafter
+    from dspark_plugin.checkpoint.deepspec import load_drafter
     from dspark_plugin.cli import main
-    from dspark_plugin.draft import sequential_draft
+    from dspark_plugin.decode.draft import sequential_draft
 
     drafter_dir = trained["drafter_dir"]
     calib = drafter_dir / "dspark_calibration.json"

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dspark_plugin.checkpoint import load_drafter, save_drafter
-from dspark_plugin.config import DSparkConfig
-from dspark_plugin.runner import ReferenceRunner
+from dspark_plugin.checkpoint.deepspec import load_drafter, save_drafter
+from dspark_plugin.config.drafter_config import DSparkConfig
+from dspark_plugin.reference.runner import ReferenceRunner
 from tiny import tiny_drafter, tiny_target
 
 DEEPSPEC_LAYER_NAMES = [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dspark_plugin.checkpoint import save_drafter
+from dspark_plugin.checkpoint.deepspec import save_drafter
 from tiny import save_tiny_target, tiny_drafter
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dspark_plugin.draft_gate import PROBE_COST, DraftGate, bucket
 from dspark_plugin.errors import DSparkError
-from dspark_plugin.scheduler import prefix_survival
-from dspark_plugin.sps import SPSCurve
-from dspark_plugin.vllm.verify_plan import VerifyPlanner, settings_from_env
+from dspark_plugin.policy.draft_gate import PROBE_COST, DraftGate, bucket
+from dspark_plugin.policy.engine_plan import VerifyPlanner, settings_from_env
+from dspark_plugin.policy.step_rate import SPSCurve
+from dspark_plugin.policy.verify_planner import prefix_survival
 
 
 def test_buckets():

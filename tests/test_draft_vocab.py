@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dspark_plugin.checkpoint import load_drafter, save_drafter
-from dspark_plugin.config import DSparkConfig
-from dspark_plugin.draft import sequential_draft
-from dspark_plugin.draft_vocab import prune_drafter, select_draft_vocab
+from dspark_plugin.checkpoint.deepspec import load_drafter, save_drafter
+from dspark_plugin.config.drafter_config import DSparkConfig
+from dspark_plugin.decode.draft import sequential_draft
 from dspark_plugin.errors import DSparkCheckpointError, DSparkConfigError
-from dspark_plugin.runner import ReferenceRunner
+from dspark_plugin.reference.runner import ReferenceRunner
+from dspark_plugin.train.prune_vocab import prune_drafter, select_draft_vocab
 from test_lossless_sampling import chi2_pvalue, exact_joint
 from tiny import tiny_drafter, tiny_target
 

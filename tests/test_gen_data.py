@@ -9,7 +9,7 @@ import torch
 
 from dspark_plugin.cli import main
 from dspark_plugin.errors import DSparkError
-from dspark_plugin.gen_data import prompt_text, read_prompt_file
+from dspark_plugin.train.gen_data import prompt_text, read_prompt_file
 from tiny_target import build_tiny_target
 
 

@@ -14,7 +14,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 from test_kernels_rng import poisoned  # noqa: E402,F401
 from tiny import tiny_drafter, tiny_target  # noqa: E402
 
-from dspark_plugin.draft import sequential_draft  # noqa: E402
+from dspark_plugin.decode.draft import sequential_draft  # noqa: E402
 from dspark_plugin.kernels import dispatch  # noqa: E402
 from dspark_plugin.kernels.block_loop import draft_block_torch, draft_block_triton  # noqa: E402
 from dspark_plugin.kernels.markov_step import markov_step_triton  # noqa: E402

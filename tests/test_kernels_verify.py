@@ -1,5 +1,5 @@
 """Prefix survival, top-budget admission and variable-length acceptance kernels vs twins (and vs
-dspark_plugin.verify, whose semantics they implement)."""
+dspark_plugin.decode.verify, whose semantics they implement)."""
 from __future__ import annotations
 
 import os
@@ -13,8 +13,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from test_kernels_rng import poisoned  # noqa: E402,F401
 
+from dspark_plugin.decode.verify import verify_greedy, verify_rejection  # noqa: E402
 from dspark_plugin.kernels import accept, survival  # noqa: E402
-from dspark_plugin.verify import verify_greedy, verify_rejection  # noqa: E402
 
 SHAPES = [(1, 3, 50), (6, 4, 37), (5, 7, 300), (3, 1, 129)]
 
@@ -48,7 +48,7 @@ def test_admission_selects_top_budget_prefixes(poisoned, r, g):
 def test_admission_ties_follow_the_scheduler_order(poisoned, r, g):
     """Kernel and twin break ties like scheduler._admission_order (smaller j, then smaller r), so
     they admit exactly what the scheduler's exact float64 sort admits."""
-    from dspark_plugin.scheduler import top_k_verify_lengths
+    from dspark_plugin.policy.verify_planner import top_k_verify_lengths
 
     gen = torch.Generator().manual_seed(r + g)
     a = (torch.randint(1, 4, (r, g), generator=gen) / 3).cumprod(-1)  # few values: ties everywhere
@@ -62,7 +62,7 @@ def test_admission_ties_follow_the_scheduler_order(poisoned, r, g):
 def test_verify_len_beyond_the_block_is_clamped(monkeypatch, force):
     """verify_len > g means "all g drafts": a full accept draws the bonus from p_t (tokens 0 or 3),
     never a correction from max(0, p_t - p_d) (always token 0 here); twin and kernel alike."""
-    from dspark_plugin.verify import verify_rejection
+    from dspark_plugin.decode.verify import verify_rejection
 
     monkeypatch.setenv("DSPARK_FORCE_TRITON", force)
     dp = torch.tensor([[[0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.5, 0.5]]])

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dspark_plugin.runner import ReferenceRunner
+from dspark_plugin.reference.runner import ReferenceRunner
 from tiny import tiny_drafter, tiny_target
 
 PROMPTS = [[2 + p, 3 + (p * 7) % 50, 4 + (p * 13) % 60, 10 + p % 9] for p in range(20)]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from dspark_plugin.runner import ReferenceRunner
-from dspark_plugin.sampling import logits_to_probs, sample
-from dspark_plugin.verify import verify_rejection
+from dspark_plugin.decode.sampling import logits_to_probs, sample
+from dspark_plugin.decode.verify import verify_rejection
+from dspark_plugin.reference.runner import ReferenceRunner
 from tiny import tiny_drafter, tiny_target
 
 
@@ -124,7 +124,7 @@ def test_runner_sampling_matches_target(head, gamma, verify_len, temperature, to
 
 
 def test_per_row_generators_make_a_row_independent_of_its_batch():
-    from dspark_plugin.sampling import row_seeds, sample
+    from dspark_plugin.decode.sampling import row_seeds, sample
 
     probs = torch.softmax(torch.randn(3, 50), -1)
 

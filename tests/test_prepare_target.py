@@ -9,7 +9,7 @@ import torch
 
 from dspark_plugin.cli import main
 from dspark_plugin.errors import DSparkError
-from dspark_plugin.target_prep import find_gguf
+from dspark_plugin.train.prepare_target import find_gguf
 
 
 def test_smollm2_gguf_to_hf_dir(tmp_path):

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from dspark_plugin.errors import DSparkError
-from dspark_plugin.scheduler import (
+from dspark_plugin.policy.verify_planner import (
     AsyncScheduler,
     prefix_survival,
     schedule_verify_lengths,
     top_k_verify_lengths,
     unconstrained_budget,
 )
-from dspark_plugin.sps import SPSCurve
+from dspark_plugin.policy.step_rate import SPSCurve
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

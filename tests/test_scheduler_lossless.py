@@ -19,13 +19,13 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from dspark_plugin.scheduler import (
+from dspark_plugin.policy.verify_planner import (
     AsyncScheduler,
     schedule_verify_lengths,
     top_k_verify_lengths,
     unconstrained_budget,
 )
-from dspark_plugin.verify import verify_rejection
+from dspark_plugin.decode.verify import verify_rejection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,7 @@ from scipy.optimize import isotonic_regression
 
 from dspark_plugin import cli
 from dspark_plugin.errors import DSparkError
-from dspark_plugin.sps import (
+from dspark_plugin.policy.step_rate import (
     SPSCurve,
     cache_key,
     isotonic_non_increasing,
@@ -167,7 +167,7 @@ def test_cache_key_names_target_device_dtype():
 
 
 def test_find_sps_curve_order(tiny_target_dir, tmp_path, monkeypatch):
-    from dspark_plugin.sps import SPS_FILE_NAME, device_tag, find_sps_curve, target_fingerprint
+    from dspark_plugin.policy.step_rate import SPS_FILE_NAME, device_tag, find_sps_curve, target_fingerprint
 
     monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "cache"))
     drafter_dir = tmp_path / "drafter"

@@ -10,14 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dspark_plugin.checkpoint import load_drafter, read_tensors
+from dspark_plugin.checkpoint.deepspec import load_drafter, read_tensors
 from dspark_plugin.cli import main
-from dspark_plugin.drafter import ContextCache
-from dspark_plugin.gen_data import generate_dataset
-from dspark_plugin.runner import ReferenceRunner
+from dspark_plugin.model.drafter import ContextCache
+from dspark_plugin.reference.runner import ReferenceRunner
 from dspark_plugin.train.blocks import build_batch
 from dspark_plugin.train.cache import target_features
 from dspark_plugin.train.data import read_sequences
+from dspark_plugin.train.gen_data import generate_dataset
 from dspark_plugin.train.loop import TrainOptions, drafter_config, init_drafter
 from tiny_target import WORDS, build_tiny_target
 

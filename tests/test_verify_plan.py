@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from dspark_plugin.errors import DSparkError
-from dspark_plugin.scheduler import prefix_survival, schedule_verify_lengths, top_k_verify_lengths, unconstrained_budget
-from dspark_plugin.sps import SPSCurve, device_tag, engine_device_tag
-from dspark_plugin.vllm.verify_plan import (
+from dspark_plugin.policy.verify_planner import prefix_survival, schedule_verify_lengths, top_k_verify_lengths, unconstrained_budget
+from dspark_plugin.policy.step_rate import SPSCurve, device_tag, engine_device_tag
+from dspark_plugin.policy.engine_plan import (
     StepCost,
     VerifyPlanner,
     resolve_mode,
@@ -115,7 +115,7 @@ def test_vllm_cpu_device_tag_is_the_core_count():
 def test_cli_vllm_profile_reuses_the_cached_curve_without_an_engine(tmp_path, capsys):
     """A second `dspark profile --engine vllm` (or a restart) finds the curve under its key."""
     from dspark_plugin import cli
-    from dspark_plugin.sps import cache_key, find_sps_curve, target_fingerprint
+    from dspark_plugin.policy.step_rate import cache_key, find_sps_curve, target_fingerprint
 
     target = tmp_path / "target"
     target.mkdir()

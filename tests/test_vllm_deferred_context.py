@@ -67,7 +67,7 @@ def test_kept_steps_come_back_oldest_first_and_then_are_gone():
 
 
 def test_defer_switch_reads_on_off_and_names_a_bad_value():
-    from dspark_plugin.vllm.verify_plan import settings_from_env
+    from dspark_plugin.policy.engine_plan import settings_from_env
 
     assert settings_from_env({}).defer_context is True
     assert settings_from_env({"DSPARK_DEFER_CONTEXT": "off"}).defer_context is False

@@ -109,7 +109,7 @@ if __name__ == "__main__":
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     """A tiny target (head_dim 32) and a native-dflash drafter trained on its own greedy answers."""
-    from dspark_plugin.gen_data import generate_dataset
+    from dspark_plugin.train.gen_data import generate_dataset
 
     root = tmp_path_factory.mktemp("vllm_dflash")
     target = build_tiny_target(root / "target", hidden=128)
@@ -169,9 +169,9 @@ def _offline(trained: dict, spec: dict | None, name: str) -> dict:
 
 
 def test_offline_native_dflash_greedy_equals_target_only_and_acceptance_matches_reference(trained):
-    from dspark_plugin.checkpoint import load_drafter
-    from dspark_plugin.runner import ReferenceRunner
-    from dspark_plugin.target import load_target
+    from dspark_plugin.checkpoint.deepspec import load_drafter
+    from dspark_plugin.reference.runner import ReferenceRunner
+    from dspark_plugin.reference.target import load_target
 
     plain = _offline(trained, None, "plain")
     spec = {"method": "dflash", "model": str(trained["drafter"]), "num_speculative_tokens": 6}

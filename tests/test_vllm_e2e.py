@@ -49,7 +49,7 @@ def drafter_and_prompts(target) -> tuple[Path, list[list[int]]]:
     if forced:
         from transformers import AutoTokenizer
 
-        from dspark_plugin.prompts import read_prompts
+        from dspark_plugin.reference.prompts import read_prompts
 
         tok = AutoTokenizer.from_pretrained(str(target))
         texts = read_prompts(DATA / "mt_bench.jsonl", limit=NUM_PROMPTS // 2) + \
@@ -135,7 +135,7 @@ STEEP_SPS = {"batch_sizes": [1, 4, 64], "sps": [25.0, 25.0, 25.0 / (1 + 0.1 * 60
 def scheduler_run(target, drafter_and_prompts, tmp_path_factory):
     """The confidence scheduler on (early stop) with a steep SPS curve given through DSPARK_SPS:
     greedy outputs, /metrics before and after, one sampled completion, the server log."""
-    from dspark_plugin.sps import SPSCurve
+    from dspark_plugin.policy.step_rate import SPSCurve
 
     drafter, prompts = drafter_and_prompts
     tmp = tmp_path_factory.mktemp("scheduler")
@@ -212,9 +212,9 @@ def test_acceptance_matches_reference_runner(target, drafter_and_prompts, dspark
     is the one the drafter was trained for."""
     import torch
 
-    from dspark_plugin.checkpoint import load_drafter
-    from dspark_plugin.runner import ReferenceRunner
-    from dspark_plugin.target import eos_ids, load_target
+    from dspark_plugin.checkpoint.deepspec import load_drafter
+    from dspark_plugin.reference.runner import ReferenceRunner
+    from dspark_plugin.reference.target import eos_ids, load_target
     from dspark_plugin.vllm.serving import acceptance_length
 
     torch.set_num_threads(2)
@@ -350,7 +350,7 @@ def main():
     from vllm.v1.executor.uniproc_executor import UniProcExecutor
     from dspark_plugin.vllm.deferred_context import DeferredContext
     from dspark_plugin.vllm.proposer import DSparkProposer
-    from dspark_plugin.vllm.verify_plan import VerifyPlanner
+    from dspark_plugin.policy.engine_plan import VerifyPlanner
     target, drafter, prompts_file, out_file = sys.argv[1:5]
     seen = {"steps": 0, "blocks": [], "written": [], "round_trips": 0}
 

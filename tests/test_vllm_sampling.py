@@ -214,7 +214,7 @@ def prompt_ids(target) -> list[int]:
 
 @pytest.fixture(scope="module")
 def runs(target, prompt_ids, tmp_path_factory) -> dict:
-    from dspark_plugin.sps import SPSCurve
+    from dspark_plugin.policy.step_rate import SPSCurve
     from dspark_plugin.vllm.testing import vllm_env
 
     tmp = tmp_path_factory.mktemp("vllm_sampling")

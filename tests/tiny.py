@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from dspark_plugin.config import DSparkConfig
-from dspark_plugin.drafter import DSparkDrafter
-from dspark_plugin.taps import tap_layer_ids
+from dspark_plugin.config.drafter_config import DSparkConfig
+from dspark_plugin.decode.taps import tap_layer_ids
+from dspark_plugin.model.drafter import DSparkDrafter
 
 VOCAB = 96
 HIDDEN = 32

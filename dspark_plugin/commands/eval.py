@@ -31,10 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dspark_plugin.checkpoint import load_drafter
-    from dspark_plugin.config import DSparkConfig
-    from dspark_plugin.evaluate import build_verify_len_fn, evaluate
-    from dspark_plugin.target import eos_ids, load_target, parse_dtype
+    from dspark_plugin.checkpoint.deepspec import load_drafter
+    from dspark_plugin.config.drafter_config import DSparkConfig
+    from dspark_plugin.reference.evaluate import build_verify_len_fn, evaluate
+    from dspark_plugin.reference.target import eos_ids, load_target, parse_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dspark_plugin.gen_data import generate_dataset
+    from dspark_plugin.train.gen_data import generate_dataset
 
     if args.threads:
         import torch

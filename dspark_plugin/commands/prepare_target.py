@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dspark_plugin.target_prep import prepare_target
+    from dspark_plugin.train.prepare_target import prepare_target
 
     out = prepare_target(args.source, args.out)
     print(f"wrote {out}")

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dspark_plugin.errors import DSparkError
-    from dspark_plugin.sps import DEFAULT_BATCH_SIZES, default_cache_path, profile_hf_target
+    from dspark_plugin.policy.step_rate import DEFAULT_BATCH_SIZES, default_cache_path, profile_hf_target
 
     if args.threads is not None:
         if args.threads < 1:

@@ -16,8 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dspark_plugin.draft_vocab import prune_drafter, select_draft_vocab, token_counts
-    from dspark_plugin.target import eos_ids, load_target
+    from dspark_plugin.train.prune_vocab import prune_drafter, select_draft_vocab, token_counts
+    from dspark_plugin.reference.target import eos_ids, load_target
 
     target, tokenizer = load_target(args.target)
     vocab = target.get_output_embeddings().weight.shape[0]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dspark_plugin.config.geometry import drafts_per_block
 from dspark_plugin.train.data import Sequence
 
 
@@ -66,7 +67,7 @@ def build_batch(
     sample_from_anchor: bool = True,
 ) -> BlockBatch:
     b, a, n = len(seqs), anchors_per_seq, block_size
-    g = n if sample_from_anchor else n - 1
+    g = drafts_per_block(n, sample_from_anchor)
     width = max(len(s.ids) for s in seqs)
     md, d = feats[0][0].shape[-1], feats[0][1].shape[-1]
     ids = torch.zeros(b, width + n, dtype=torch.long)   # +n so block labels never index past the end

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dspark_plugin.decode.taps import gather_taps
 from dspark_plugin.errors import DSparkError
-from dspark_plugin.taps import gather_taps
 from dspark_plugin.train.data import Sequence
 
 MANIFEST = "manifest.json"

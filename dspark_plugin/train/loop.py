@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
-from dspark_plugin.config import DSparkConfig
-from dspark_plugin.drafter import DSparkDrafter
+from dspark_plugin.checkpoint.deepspec import save_drafter
+from dspark_plugin.checkpoint.native_dflash import save_native
+from dspark_plugin.config.drafter_config import DSparkConfig
+from dspark_plugin.decode.taps import tap_layer_ids
 from dspark_plugin.errors import DSparkError
-from dspark_plugin.taps import tap_layer_ids
+from dspark_plugin.model.drafter import DSparkDrafter
 from dspark_plugin.train.blocks import build_batch
 from dspark_plugin.train.cache import extend_cache, open_or_create, target_features
 from dspark_plugin.train.data import read_sequences
@@ -26,7 +28,7 @@ from dspark_plugin.train.state import load_state, save_state
 
 HEADS = ("vanilla", "gated", "rnn", "none")
 # deepspec: this package's anchor-first drafter (config.json for `method: dspark`);
-# dflash: vLLM's native `dflash` drafter (bonus token + masks, see dspark_plugin/dflash_layout.py).
+# dflash: vLLM's native `dflash` drafter (bonus token + masks, see dspark_plugin/config/dflash_native.py).
 LAYOUTS = ("deepspec", "dflash")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOG_NAME = "train_log.jsonl"
@@ -310,8 +312,6 @@ def train(opts: TrainOptions) -> Path:
 
 def _save(drafter: DSparkDrafter, out: Path, optimizer, step: int, total: int, opts: TrainOptions,
           wall: float) -> None:
-    from dspark_plugin.checkpoint import save_drafter
-    from dspark_plugin.dflash_layout import save_native
 
     # The resumable state below is layout-independent; only the served files differ.
     save = save_native if opts.layout == "dflash" else save_drafter

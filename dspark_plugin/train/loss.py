@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dspark_plugin.drafter import DSparkDrafter
+from dspark_plugin.model.drafter import DSparkDrafter
 from dspark_plugin.train.blocks import BlockBatch
 
 CE_WEIGHT, L1_WEIGHT, BCE_WEIGHT = 0.1, 0.9, 1.0

@@ -2,7 +2,7 @@
 
 It is vLLM's own `Qwen3DSparkForCausalLM` (the DFlash-style backbone whose draft layers live in
 vLLM's paged KV cache, with context K/V injected before the block forward) with the Markov and
-confidence heads swapped for the core's modules (`dspark_plugin.heads`). The tensor names are the
+confidence heads swapped for the core's modules (`dspark_plugin.model.heads`). The tensor names are the
 same, so vanilla checkpoints load exactly as in vLLM, and gated / rnn checkpoints load too.
 
 Two consumers:
@@ -23,9 +23,9 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.models.qwen3_dspark import Qwen3DSparkForCausalLM
 
-from dspark_plugin.calibration_io import load_confidence_temperatures
-from dspark_plugin.config import CONFIG_NAME, DSparkConfig
-from dspark_plugin.heads import build_confidence_head, build_markov_head
+from dspark_plugin.checkpoint.calibration_file import load_confidence_temperatures
+from dspark_plugin.config.drafter_config import CONFIG_NAME, DSparkConfig
+from dspark_plugin.model.heads import build_confidence_head, build_markov_head
 
 
 class _LogitsHead(nn.Module):
@@ -42,7 +42,7 @@ class _LogitsHead(nn.Module):
 
 
 class HeadView:
-    """The attributes `dspark_plugin.draft.sequential_draft` reads from a drafter."""
+    """The attributes `dspark_plugin.decode.draft.sequential_draft` reads from a drafter."""
 
     def __init__(self, model: "DSparkQwen3ForCausalLM"):
         self.lm_head = _LogitsHead(model)
@@ -103,8 +103,7 @@ class DSparkQwen3ForCausalLM(Qwen3DSparkForCausalLM):
 
     @property
     def num_drafts(self) -> int:
-        cfg = self.dspark_config
-        return cfg.block_size if cfg.sample_from_anchor else cfg.block_size - 1
+        return self.dspark_config.num_drafts
 
     # -- vLLM's native hooks (Model Runner V2 DSparkSpeculator) --------------------------------
     def markov_embed(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dspark_plugin.errors import DSparkError
-from dspark_plugin.sps import (
+from dspark_plugin.policy.step_rate import (
     SPSCurve,
     cache_key,
     default_cache_path,
@@ -149,7 +149,7 @@ def _child(argv: list[str] | None = None) -> int:
 
     from vllm import LLM
 
-    from dspark_plugin.sps import measure_sps
+    from dspark_plugin.policy.step_rate import measure_sps
 
     sizes = sorted({int(x) for x in args.batch_sizes.split(",")})
     # Enough tokens that no request finishes inside the timed steps (a finishing request would

@@ -42,10 +42,10 @@ from vllm.forward_context import set_forward_context
 from vllm.logger import init_logger
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
-from dspark_plugin.draft import DraftBlock, sequential_draft
-from dspark_plugin.draft_gate import DraftGate
+from dspark_plugin.decode.draft import DraftBlock, sequential_draft
+from dspark_plugin.policy.draft_gate import DraftGate
+from dspark_plugin.policy.engine_plan import SchedulerSettings, VerifyPlanner, resolve_mode, settings_from_env
 from dspark_plugin.vllm.deferred_context import DeferredContext, context_slots
-from dspark_plugin.vllm.verify_plan import SchedulerSettings, VerifyPlanner, resolve_mode, settings_from_env
 
 # Under the "vllm." namespace: vLLM configures handlers for its own loggers only, so INFO lines of
 # any other logger (the scheduler mode at start-up, the periodic statistics) would be dropped.
@@ -95,7 +95,7 @@ class DSparkProposer(DFlashProposer):
 
     def _make_planner(self, vllm_config: Any, runner: Any, settings: SchedulerSettings) -> VerifyPlanner:
         """The verify-length policy, chosen once at start-up."""
-        from dspark_plugin.sps import find_sps_curve
+        from dspark_plugin.policy.step_rate import find_sps_curve
 
         spec = vllm_config.speculative_config
         drafter_cfg = spec.draft_model_config.hf_config

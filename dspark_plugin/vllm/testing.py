@@ -24,8 +24,8 @@ def smollm2_target(out: str | Path | None = None) -> Path:
 def smollm2_drafter_config(markov_head_type: str = "vanilla", num_layers: int = 1, markov_rank: int = 32,
                            mask_token_id: int = 0):
     """A drafter geometry that fits SmolLM2-135M (576 hidden, 30 layers, 49152 vocab)."""
-    from dspark_plugin.config import DSparkConfig
-    from dspark_plugin.taps import tap_layer_ids
+    from dspark_plugin.config.drafter_config import DSparkConfig
+    from dspark_plugin.decode.taps import tap_layer_ids
 
     dflash_style = markov_head_type == "none"  # the DFlash baseline: no Markov, no confidence head
     return DSparkConfig(
@@ -40,8 +40,8 @@ def smollm2_drafter_config(markov_head_type: str = "vanilla", num_layers: int = 
 
 def random_drafter(out: str | Path, cfg=None, seed: int = 0, std: float = 0.02) -> Path:
     """An untrained drafter written by the core's save_drafter (drafts are junk; outputs must not be)."""
-    from dspark_plugin.checkpoint import save_drafter
-    from dspark_plugin.drafter import DSparkDrafter
+    from dspark_plugin.checkpoint.deepspec import save_drafter
+    from dspark_plugin.model.drafter import DSparkDrafter
 
     torch.manual_seed(seed)
     drafter = DSparkDrafter(cfg or smollm2_drafter_config())

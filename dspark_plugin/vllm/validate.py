@@ -12,16 +12,16 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from dspark_plugin.checkpoint import _SHARED, D2T, WEIGHTS_NAME, _weight_files, check_against_target, \
-    drafter_state_dict
-from dspark_plugin.config import DSparkConfig
-from dspark_plugin.drafter import DSparkDrafter
+from dspark_plugin.checkpoint.deepspec import D2T, SHARED_TENSORS, WEIGHTS_NAME, check_against_target, \
+    drafter_state_dict, weight_files
+from dspark_plugin.config.drafter_config import DSparkConfig
 from dspark_plugin.errors import DSparkCheckpointError, DSparkConfigError
+from dspark_plugin.model.drafter import DSparkDrafter
 
 
 def _header_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str, Path]]:
     out = {}
-    for file in _weight_files(path):
+    for file in weight_files(path):
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
@@ -43,7 +43,7 @@ def validate_drafter_dir(
     if target_hf_config is not None:
         text = target_hf_config.get_text_config() if hasattr(target_hf_config, "get_text_config") else target_hf_config
         check_against_target(cfg, int(text.vocab_size), int(text.hidden_size), int(text.num_hidden_layers))
-    drafts = cfg.block_size if cfg.sample_from_anchor else cfg.block_size - 1
+    drafts = cfg.num_drafts
     if num_speculative_tokens is not None and not 1 <= num_speculative_tokens <= drafts:
         raise DSparkConfigError(cfg.source, "block_size",
                                 f"the drafter drafts {drafts} tokens per block; num_speculative_tokens="
@@ -55,7 +55,7 @@ def validate_drafter_dir(
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DSparkCheckpointError(path / WEIGHTS_NAME, missing[0], f"missing{more}")
-    unexpected = sorted(set(found) - set(expected) - set(_SHARED) - {"d2t", "t2d"})
+    unexpected = sorted(set(found) - set(expected) - set(SHARED_TENSORS) - {"d2t", "t2d"})
     if unexpected:
         name = unexpected[0]
         raise DSparkCheckpointError(found[name][2], name,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dspark_plugin.config import DSparkConfig
+from dspark_plugin.config.drafter_config import DSparkConfig
 from dspark_plugin.errors import DSparkConfigError
 
 CALIBRATION_NAME = "dspark_calibration.json"

@@ -5,10 +5,10 @@ import dataclasses
 
 import torch
 
-from dspark_plugin.drafter import ContextCache, DSparkDrafter
+from dspark_plugin.decode.sampling import Generators, logits_to_probs, row_seeds, sample
 from dspark_plugin.kernels import dispatch as kernels
 from dspark_plugin.kernels.weights import HeadWeights
-from dspark_plugin.sampling import Generators, logits_to_probs, row_seeds, sample
+from dspark_plugin.model.drafter import ContextCache, DSparkDrafter
 
 
 @dataclasses.dataclass

@@ -5,7 +5,7 @@ Native form: the target's config plus `architectures: ["Qwen3DSparkModel"]`, `bl
 `confidence_head_with_markov`. Speculators form: `speculators_model_type: "dspark"` with the
 decoder fields under `transformer_layer_config` and the DSpark fields at the top level (or under
 `speculators_config`). `markov_rank: 0` without a confidence head is a DFlash-style drafter.
-vLLM's native `dflash` form (`DFlashDraftModel`, see `dflash_layout`) is read as a DFlash-style
+vLLM's native `dflash` form (`DFlashDraftModel`, see `dflash_native`) is read as a DFlash-style
 drafter with `sample_from_anchor: false` (bonus token + masks, drafts from the masks).
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dspark_plugin.config.dflash_native import flatten_native, is_native_dflash
+from dspark_plugin.config.geometry import drafts_per_block
 from dspark_plugin.errors import DSparkConfigError
 
 HEAD_TYPES = ("vanilla", "gated", "rnn")
@@ -73,6 +75,11 @@ class DSparkConfig:
         return self.draft_vocab < self.vocab_size
 
     @property
+    def num_drafts(self) -> int:
+        """gamma: anchor-first blocks predict from every slot, DFlash layout from the masks only."""
+        return drafts_per_block(self.block_size, self.sample_from_anchor)
+
+    @property
     def num_taps(self) -> int:
         return len(self.target_layer_ids)
 
@@ -99,8 +106,6 @@ class DSparkConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<config>") -> "DSparkConfig":
-        from dspark_plugin.dflash_layout import flatten_native, is_native_dflash
-
         if "speculators_model_type" in raw:
             flat = _flatten_speculators(raw, source)
         elif is_native_dflash(raw):  # vLLM's own dflash layout: read as a DFlash-geometry drafter

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dspark_plugin.backbone import KV, DSparkBackbone
-from dspark_plugin.config import DSparkConfig
-from dspark_plugin.heads import build_confidence_head, build_markov_head
+from dspark_plugin.config.drafter_config import DSparkConfig
+from dspark_plugin.model.backbone import KV, DSparkBackbone
+from dspark_plugin.model.heads import build_confidence_head, build_markov_head
 
 
 class ContextCache:
@@ -106,7 +106,7 @@ class DSparkDrafter(nn.Module):
     @property
     def num_drafts(self) -> int:
         """gamma: anchor-first blocks predict from every slot, DFlash layout from the masks only."""
-        return self.cfg.block_size if self.cfg.sample_from_anchor else self.cfg.block_size - 1
+        return self.cfg.num_drafts
 
     @property
     def target_vocab_size(self) -> int:

@@ -1,7 +1,9 @@
-"""vLLM's native `dflash` drafter layout: write it (trainer `--layout dflash`) and read it back.
+"""vLLM's native `dflash` drafter layout, the config side: read its config.json, and build one.
+
+The checkpoint writer (trainer `--layout dflash`) is `dspark_plugin.checkpoint.native_dflash`.
 
 vLLM 0.32 serves `{"method": "dflash"}` with `DFlashQwen3ForCausalLM` (architecture
-`DFlashDraftModel`). What it reads, and why this module writes exactly that:
+`DFlashDraftModel`). What it reads, and why this package writes exactly that:
 
 - Geometry. Per request the proposer queries `1 + K` slots: the bonus token x_p (the token the
   target just emitted) at position p, then K mask tokens at p+1..p+K; context K/V are the tapped
@@ -20,17 +22,15 @@ vLLM 0.32 serves `{"method": "dflash"}` with `DFlashQwen3ForCausalLM` (architect
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dspark_plugin.config.geometry import drafts_per_block
 from dspark_plugin.errors import DSparkConfigError
 
-if TYPE_CHECKING:
-    from dspark_plugin.config import DSparkConfig
-    from dspark_plugin.drafter import DSparkDrafter
+if TYPE_CHECKING:  # drafter_config reads this module's forms; the config type is only annotated here
+    from dspark_plugin.config.drafter_config import DSparkConfig
 
 ARCH = "DFlashDraftModel"
 # dflash_config keys this package understands; any other (sliding windows, causal layers, sink
@@ -44,7 +44,7 @@ def is_native_dflash(raw: dict[str, Any]) -> bool:
 
 def num_speculative_tokens(block_size: int) -> int:
     """K for `{"method": "dflash", "num_speculative_tokens": K}`: the mask slots of the block."""
-    return block_size - 1
+    return drafts_per_block(block_size, sample_from_anchor=False)
 
 
 def flatten_native(raw: dict[str, Any], source: str) -> dict[str, Any]:
@@ -96,20 +96,3 @@ def native_config(cfg: "DSparkConfig", dtype: torch.dtype | None = None) -> dict
     if dtype is not None:
         out["dtype"] = str(dtype).removeprefix("torch.")
     return out
-
-
-def save_native(drafter: "DSparkDrafter", path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write `config.json` + `model.safetensors` that `{"method": "dflash"}` loads as they are."""
-    from safetensors.torch import save_file
-
-    from dspark_plugin.checkpoint import WEIGHTS_NAME, drafter_state_dict
-    from dspark_plugin.config import CONFIG_NAME
-
-    config = native_config(drafter.cfg, dtype)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-               for k, v in drafter_state_dict(drafter).items()}
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return path

@@ -20,16 +20,16 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import nn
 
-from dspark_plugin.draft import DraftBlock, draft_block
-from dspark_plugin.draft_gate import DraftGate
-from dspark_plugin.drafter import ContextCache, DSparkDrafter
+from dspark_plugin.decode.draft import DraftBlock, draft_block
+from dspark_plugin.decode.sampling import logits_to_probs, sample
+from dspark_plugin.decode.taps import gather_taps
+from dspark_plugin.decode.verify import verify_greedy, verify_rejection
 from dspark_plugin.errors import DSparkError
-from dspark_plugin.runner import GenerationResult, bind_drafter, truncate
-from dspark_plugin.sampling import logits_to_probs, sample
-from dspark_plugin.scheduler import MODES, AsyncScheduler, schedule_verify_lengths
-from dspark_plugin.sps import SPSCurve, hf_verify_step, measure_sps
-from dspark_plugin.taps import gather_taps
-from dspark_plugin.verify import verify_greedy, verify_rejection
+from dspark_plugin.model.drafter import ContextCache, DSparkDrafter
+from dspark_plugin.policy.draft_gate import DraftGate
+from dspark_plugin.policy.step_rate import SPSCurve, hf_verify_step, measure_sps
+from dspark_plugin.policy.verify_planner import MODES, AsyncScheduler, schedule_verify_lengths
+from dspark_plugin.reference.runner import GenerationResult, bind_drafter, truncate
 
 # survival [R, gamma] -> verify lengths [R]; any scheduler can be plugged in this way.
 ScheduleFn = Callable[[torch.Tensor], torch.Tensor]

@@ -15,13 +15,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dspark_plugin.calibration_io import load_confidence_temperatures
-from dspark_plugin.config import CONFIG_NAME, DSparkConfig
-from dspark_plugin.drafter import DSparkDrafter
+from dspark_plugin.checkpoint.calibration_file import load_confidence_temperatures
+from dspark_plugin.config.drafter_config import CONFIG_NAME, DSparkConfig
 from dspark_plugin.errors import DSparkCheckpointError, DSparkConfigError
+from dspark_plugin.model.drafter import DSparkDrafter
 
 WEIGHTS_NAME = "model.safetensors"
-_SHARED = ("embed_tokens.weight", "lm_head.weight")
+SHARED_TENSORS = ("embed_tokens.weight", "lm_head.weight")  # optional: the target's when absent
 D2T = "d2t"  # EAGLE-3 / vLLM convention: target id = draft id + d2t[draft id]
 
 
@@ -75,7 +75,8 @@ def save_drafter(
     return path
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a drafter directory (through the index when there is one)."""
     index = path / f"{WEIGHTS_NAME}.index.json"
     if index.is_file():
         try:
@@ -95,7 +96,7 @@ def read_tensors(path: str | Path) -> dict[str, tuple[torch.Tensor, Path]]:
     """All tensors of a drafter directory, `model.`-prefix stripped, with the file each came from."""
     path = Path(path)
     out: dict[str, tuple[torch.Tensor, Path]] = {}
-    for file in _weight_files(path):
+    for file in weight_files(path):
         if not file.is_file():
             raise DSparkCheckpointError(file, "<file>", "listed in the index but missing")
         try:
@@ -151,7 +152,7 @@ def load_drafter(
     if missing:
         raise DSparkCheckpointError(path / WEIGHTS_NAME, missing[0],
                                     f"missing (and {len(missing) - 1} more)" if len(missing) > 1 else "missing")
-    unexpected = sorted(set(tensors) - set(expected) - set(_SHARED) - {D2T, "t2d"})
+    unexpected = sorted(set(tensors) - set(expected) - set(SHARED_TENSORS) - {D2T, "t2d"})
     if unexpected:
         raise DSparkCheckpointError(tensors[unexpected[0]][1], unexpected[0],
                                     f"unexpected for this config ({config_file}: markov_head_type="
@@ -171,7 +172,7 @@ def load_drafter(
                 raise DSparkCheckpointError(path / WEIGHTS_NAME, name, f"required with draft_vocab_size="
                                                                        f"{cfg.draft_vocab} in {config_file}")
         draft_ids = draft_to_target_ids(tensors[D2T][0], cfg, tensors[D2T][1])
-    for name in _SHARED:
+    for name in SHARED_TENSORS:
         if name in tensors:
             tensor, file = tensors[name]
             rows = cfg.draft_vocab if name == "lm_head.weight" else cfg.vocab_size

@@ -55,7 +55,7 @@ from dspark_plugin.errors import DSparkError
 from dspark_plugin.kernels import dispatch as kernels
 
 SPSFunction = Callable[[int], float]
-SPSLike = Union[SPSFunction, "SPSCurve"]  # noqa: F821 (SPSCurve lives in dspark_plugin.sps)
+SPSLike = Union[SPSFunction, "SPSCurve"]  # noqa: F821 (SPSCurve lives in dspark_plugin.policy.step_rate)
 
 MODES = ("early_stop", "fixed", "full_search")
 

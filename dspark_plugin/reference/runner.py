@@ -14,12 +14,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dspark_plugin.draft import DraftBlock, draft_block
-from dspark_plugin.drafter import ContextCache, DSparkDrafter
+from dspark_plugin.decode.draft import DraftBlock, draft_block
+from dspark_plugin.decode.sampling import logits_to_probs, sample
+from dspark_plugin.decode.taps import gather_taps
+from dspark_plugin.decode.verify import verify_greedy, verify_rejection
 from dspark_plugin.errors import DSparkError
-from dspark_plugin.sampling import logits_to_probs, sample
-from dspark_plugin.taps import gather_taps
-from dspark_plugin.verify import verify_greedy, verify_rejection
+from dspark_plugin.model.drafter import ContextCache, DSparkDrafter
 
 # (draft block, gamma) -> how many drafted tokens to verify; the scheduler plugs in here.
 VerifyLenFn = Callable[[DraftBlock, int], int]

@@ -2,7 +2,7 @@
 
 Engine-free (no vLLM import) so it is unit-tested without an engine. The proposer drafts the full
 block for every request, then asks `VerifyPlanner.plan` how long a prefix of each block vLLM
-should verify; the choice itself is `dspark_plugin.scheduler` (the same code the reference
+should verify; the choice itself is `dspark_plugin.policy.verify_planner` (the same code the reference
 runner uses), this module only supplies the engine's step cost and keeps statistics.
 
 Switches (read once, when the engine starts):
@@ -14,7 +14,7 @@ Switches (read once, when the engine starts):
   (`sps.find_sps_curve`).
 - `DSPARK_DRAFT_GATE` = `on` (default with the scheduler) or `off`: skip the whole draft of a step
   when, at this batch size, drafting has been earning fewer tokens/s than not drafting
-  (`dspark_plugin.draft_gate`). Never used with `fixed` (the full block every step).
+  (`dspark_plugin.policy.draft_gate`). Never used with `fixed` (the full block every step).
 - `DSPARK_DEFER_CONTEXT` = `on` (default) or `off`: a step the gate skips keeps its context and
   the next draft writes it (`vllm/deferred_context.py`); `off` writes it in the step.
 
@@ -32,10 +32,10 @@ from typing import Callable, Mapping
 
 import torch
 
-from dspark_plugin.draft_gate import DraftGate
 from dspark_plugin.errors import DSparkError
-from dspark_plugin.scheduler import AsyncScheduler, prefix_survival, schedule_verify_lengths
-from dspark_plugin.sps import SPSCurve
+from dspark_plugin.policy.draft_gate import DraftGate
+from dspark_plugin.policy.step_rate import SPSCurve
+from dspark_plugin.policy.verify_planner import AsyncScheduler, prefix_survival, schedule_verify_lengths
 
 ENV_MODE = "DSPARK_SCHEDULER"
 ENV_SPS = "DSPARK_SPS"

@@ -20,7 +20,9 @@ from typing import Sequence
 
 import torch
 
+from dspark_plugin.decode.sampling import logits_to_probs
 from dspark_plugin.errors import DSparkError
+from dspark_plugin.reference.batched_runner import BatchedRunner, StepRecord
 
 DEFAULT_BINS = 15
 OBJECTIVES = ("ece", "nll")
@@ -189,9 +191,6 @@ def collect_calibration_data(
 ) -> CalibrationData:
     """Decode `prompts` with the full block verified and record every drafted block's raw
     confidences and per-position acceptance probabilities (see the module docstring)."""
-    from dspark_plugin.batched_runner import BatchedRunner, StepRecord
-    from dspark_plugin.sampling import logits_to_probs
-
     if drafter.confidence_head is None:
         raise DSparkError(f"{drafter.cfg.source}: key 'enable_confidence_head': drafter has no confidence head to calibrate")
     saved = drafter.confidence_temperatures

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from dspark_plugin.prompts import prompt_text as row_prompt_text
 from dspark_plugin.errors import DSparkError
+from dspark_plugin.reference.prompts import prompt_text as row_prompt_text
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def batches(items: list[Prompt], size: int) -> Iterator[list[Prompt]]:
         yield items[i : i + size]
 
 
-def _trim_response(ids: list[int], eos_ids: set[int], pad_id: int | None) -> tuple[list[int], bool]:
+def trim_response(ids: list[int], eos_ids: set[int], pad_id: int | None) -> tuple[list[int], bool]:
     """Cut after the first EOS (kept: the drafter must learn to predict the end)."""
     for i, t in enumerate(ids):
         if t in eos_ids:
@@ -167,7 +167,7 @@ def generate_dataset(
                 )
             gen = seqs[:, padded["input_ids"].shape[1] :].tolist()
             for p, pids, rids in zip(batch, prompt_ids, gen):
-                rids, finished = _trim_response(rids, eos_ids, tokenizer.pad_token_id)
+                rids, finished = trim_response(rids, eos_ids, tokenizer.pad_token_id)
                 new_tokens += len(rids)
                 line = {
                     "prompt": p.text,

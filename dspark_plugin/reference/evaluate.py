@@ -10,8 +10,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dspark_plugin.prompts import encode_prompt, read_prompts
-from dspark_plugin.runner import GenerationResult, ReferenceRunner
+from dspark_plugin.policy.step_rate import find_sps_curve, profile_hf_target
+from dspark_plugin.policy.verify_planner import verify_len_fn
+from dspark_plugin.reference.prompts import encode_prompt, read_prompts
+from dspark_plugin.reference.runner import GenerationResult, ReferenceRunner
 
 
 @dataclasses.dataclass
@@ -73,8 +75,6 @@ def build_verify_len_fn(mode: str, target, target_dir: str | Path, drafter_dir: 
     curve found beside the drafter / in the cache, or measured now (and cached) on the target."""
     if mode == "fixed":
         return None
-    from dspark_plugin.scheduler import verify_len_fn
-    from dspark_plugin.sps import find_sps_curve, profile_hf_target
 
     curve = find_sps_curve(target_dir, drafter_dir, sps_path)
     if curve is None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dspark_plugin.checkpoint.deepspec import load_drafter, save_drafter
 from dspark_plugin.errors import DSparkError
 
 
@@ -59,8 +60,6 @@ def select_draft_vocab(counts: Counter, size: int, vocab_size: int, keep: Iterab
 def prune_drafter(drafter_dir: str | Path, target_lm_head: torch.Tensor, ids: torch.Tensor,
                   out_dir: str | Path) -> Path:
     """Write a copy of a full-vocabulary drafter restricted to the target ids `ids`."""
-    from dspark_plugin.checkpoint import load_drafter, save_drafter
-
     drafter_dir, out_dir = Path(drafter_dir), Path(out_dir)
     drafter = load_drafter(drafter_dir)  # in the dtype it is stored in, which the copy keeps
     cfg = drafter.cfg

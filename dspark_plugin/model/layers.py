@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dspark_plugin.config import DSparkConfig
+from dspark_plugin.config.drafter_config import DSparkConfig
 
 
 class RMSNorm(nn.Module):

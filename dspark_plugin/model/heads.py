@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dspark_plugin.config import DSparkConfig
+from dspark_plugin.config.drafter_config import DSparkConfig
 
 State = torch.Tensor | None
 

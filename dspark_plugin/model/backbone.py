@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dspark_plugin.config import DSparkConfig
-from dspark_plugin.layers import DraftLayer, RMSNorm, RotaryEmbedding
+from dspark_plugin.config.drafter_config import DSparkConfig
+from dspark_plugin.model.layers import DraftLayer, RMSNorm, RotaryEmbedding
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 

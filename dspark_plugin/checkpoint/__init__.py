@@ -1,0 +1,1 @@
+"""Files on disk: DeepSpec drafter checkpoints, vLLM's native dflash layout, calibration temperatures."""

@@ -1,0 +1,1 @@
+"""The drafter's configuration: DeepSpec / speculators / vLLM-native dflash `config.json` forms, dtype names."""
