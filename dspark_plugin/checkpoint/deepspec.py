@@ -17,6 +17,7 @@ from torch import nn
 
 from dspark_plugin.checkpoint.calibration_file import load_confidence_temperatures
 from dspark_plugin.config.drafter_config import CONFIG_NAME, DSparkConfig
+from dspark_plugin.decode.draft_vocab import d2t_from_target_ids, target_ids_from_d2t
 from dspark_plugin.errors import DSparkCheckpointError, DSparkConfigError
 from dspark_plugin.model.drafter import DSparkDrafter
 
@@ -32,7 +33,7 @@ def draft_to_target_ids(d2t: torch.Tensor, cfg: DSparkConfig, file: Path | str) 
         raise DSparkCheckpointError(file, D2T, f"shape {tuple(d2t.shape)} != ({n},) (draft_vocab_size)")
     if d2t.is_floating_point() or d2t.is_complex() or d2t.dtype == torch.bool:
         raise DSparkCheckpointError(file, D2T, f"dtype {d2t.dtype} is not an integer type")
-    ids = d2t.long() + torch.arange(n)
+    ids = target_ids_from_d2t(d2t)
     if int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size:
         raise DSparkCheckpointError(file, D2T, f"maps outside the target vocabulary [0, {cfg.vocab_size})")
     if torch.unique(ids).numel() != n:
@@ -66,7 +67,7 @@ def save_drafter(
         if ids is None:
             raise ValueError("a pruned-vocabulary drafter needs draft_to_target to be saved")
         tensors["lm_head.weight"] = drafter.lm_head.weight
-        tensors[D2T] = ids.long() - torch.arange(ids.numel(), device=ids.device)
+        tensors[D2T] = d2t_from_target_ids(ids)
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
                for k, v in tensors.items()}
     if include_embeddings and tensors["embed_tokens.weight"].data_ptr() == tensors["lm_head.weight"].data_ptr():

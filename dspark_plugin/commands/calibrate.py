@@ -51,13 +51,14 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from dspark_plugin.train.calibration import collect_calibration_data, cross_validate, fit_sequential_temperatures, \
-        load_calibration_data, position_report, save_calibration_data, split_by_request
     from dspark_plugin.checkpoint.calibration_file import save_confidence_temperatures
     from dspark_plugin.checkpoint.deepspec import load_drafter
+    from dspark_plugin.config.dtypes import parse_dtype
     from dspark_plugin.errors import DSparkError
     from dspark_plugin.reference.prompts import encode_prompt, read_prompts
-    from dspark_plugin.reference.target import eos_ids, load_target, parse_dtype
+    from dspark_plugin.reference.target import eos_ids, load_target
+    from dspark_plugin.train.calibration import collect_calibration_data, cross_validate, fit_sequential_temperatures, \
+        load_calibration_data, position_report, save_calibration_data, split_by_request
 
     if not 0 <= args.holdout < 1:
         raise DSparkError(f"--holdout: must be in [0, 1), got {args.holdout}")

@@ -29,10 +29,11 @@ def run(args: argparse.Namespace) -> int:
 
     from dspark_plugin.checkpoint.deepspec import load_drafter
     from dspark_plugin.config.drafter_config import DSparkConfig
+    from dspark_plugin.config.dtypes import parse_dtype
     from dspark_plugin.reference.evaluate import build_verify_len_fn
     from dspark_plugin.reference.prompts import encode_prompt
     from dspark_plugin.reference.runner import ReferenceRunner
-    from dspark_plugin.reference.target import eos_ids, load_target, parse_dtype
+    from dspark_plugin.reference.target import eos_ids, load_target
 
     if args.threads:
         torch.set_num_threads(args.threads)

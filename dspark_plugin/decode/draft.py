@@ -5,9 +5,9 @@ import dataclasses
 
 import torch
 
+from dspark_plugin.decode.draft_vocab import to_target_vocab
 from dspark_plugin.decode.sampling import Generators, logits_to_probs, row_seeds, sample
 from dspark_plugin.kernels import dispatch as kernels
-from dspark_plugin.kernels.weights import HeadWeights
 from dspark_plugin.model.drafter import ContextCache, DSparkDrafter
 
 
@@ -42,7 +42,7 @@ def _fused_draft(
     from each row's own generator).
     """
     b, g, _ = h.shape
-    weights = HeadWeights.from_drafter(drafter)
+    weights = kernels.HeadWeights.from_drafter(drafter)
     temps = kernels.per_row(temperature, b, h.device, torch.float32)
     seeds = torch.zeros(b, dtype=torch.int64, device=h.device)
     if not greedy:
@@ -140,8 +140,7 @@ def sequential_draft(
                                                      generator)
     ids = getattr(drafter, "draft_to_target", None)
     if probs is not None and ids is not None:  # draft-space distributions -> the target's vocabulary
-        full = probs.new_zeros(*probs.shape[:-1], drafter.target_vocab_size)
-        probs = full.index_copy_(-1, ids, probs)
+        probs = to_target_vocab(probs, ids, drafter.target_vocab_size)
     confidence = None
     if conf_logits is not None:
         temps = drafter.confidence_temperatures

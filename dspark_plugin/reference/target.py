@@ -7,16 +7,6 @@ import torch
 
 from dspark_plugin.errors import DSparkError
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise DSparkError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def load_target(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer) from an HF directory; safetensors weights only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -17,6 +17,7 @@ import torch
 from dspark_plugin.checkpoint.deepspec import save_drafter
 from dspark_plugin.checkpoint.native_dflash import save_native
 from dspark_plugin.config.drafter_config import DSparkConfig
+from dspark_plugin.config.dtypes import DTYPES, SAVE_DTYPES
 from dspark_plugin.decode.taps import tap_layer_ids
 from dspark_plugin.errors import DSparkError
 from dspark_plugin.model.drafter import DSparkDrafter
@@ -30,7 +31,6 @@ HEADS = ("vanilla", "gated", "rnn", "none")
 # deepspec: this package's anchor-first drafter (config.json for `method: dspark`);
 # dflash: vLLM's native `dflash` drafter (bonus token + masks, see dspark_plugin/config/dflash_native.py).
 LAYOUTS = ("deepspec", "dflash")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOG_NAME = "train_log.jsonl"
 
 
@@ -189,8 +189,8 @@ def train(opts: TrainOptions) -> Path:
 
     if opts.head not in HEADS:
         raise DSparkError(f"--head must be one of {', '.join(HEADS)}, got {opts.head!r}")
-    if opts.save_dtype not in DTYPES:
-        raise DSparkError(f"--save-dtype must be one of {', '.join(DTYPES)}, got {opts.save_dtype!r}")
+    if opts.save_dtype not in SAVE_DTYPES:
+        raise DSparkError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {opts.save_dtype!r}")
     if opts.head != "none" and opts.markov_rank < 1:
         raise DSparkError(f"--head {opts.head} needs --markov-rank >= 1 (use --head none for a DFlash-style drafter)")
     if opts.layout not in LAYOUTS:

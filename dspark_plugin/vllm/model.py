@@ -25,6 +25,7 @@ from vllm.model_executor.models.qwen3_dspark import Qwen3DSparkForCausalLM
 
 from dspark_plugin.checkpoint.calibration_file import load_confidence_temperatures
 from dspark_plugin.config.drafter_config import CONFIG_NAME, DSparkConfig
+from dspark_plugin.decode.draft_vocab import target_ids_from_d2t
 from dspark_plugin.model.heads import build_confidence_head, build_markov_head
 
 
@@ -97,7 +98,7 @@ class DSparkQwen3ForCausalLM(Qwen3DSparkForCausalLM):
             return None
         cached = self.__dict__.get("_draft_target_ids")
         if cached is None:  # weights are loaded after __init__: built on first use
-            cached = d2t.data.long() + torch.arange(d2t.numel(), device=d2t.device)
+            cached = target_ids_from_d2t(d2t.data)
             self.__dict__["_draft_target_ids"] = cached
         return cached
 
