@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from dspark_plugin import envs
+
 try:  # Triton is an optional dependency.
     import triton
     import triton.language as tl
@@ -44,6 +46,6 @@ def alloc(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor
     """torch.empty for kernel outputs; DSPARK_KERNELS_POISON=1 fills them with NaN / -1 first so
     tests prove every element is written by the kernel, not left over from the allocator."""
     out = torch.empty(*shape, device=device, dtype=dtype)
-    if os.environ.get("DSPARK_KERNELS_POISON", "0") == "1":
+    if envs.read(envs.KERNELS_POISON):
         out.fill_(float("nan") if dtype.is_floating_point else -1)
     return out

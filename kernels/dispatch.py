@@ -11,14 +11,14 @@ launch); use_block_loop decides, steered by DSPARK_BLOCK_LOOP=auto|on|off.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable
 
 import torch
 
+from dspark_plugin import envs
 from dspark_plugin.kernels import accept, block_loop, markov_step as step_mod, survival
 from dspark_plugin.kernels._triton import HAVE_TRITON, interpreting, triton
-from dspark_plugin.kernels.weights import HeadWeights
+from dspark_plugin.kernels.weights import HeadWeights  # re-exported: the core reaches kernels/ only through this module
 
 OPS: dict[str, tuple[Callable | None, Callable]] = {
     "markov_step": (getattr(step_mod, "markov_step_triton", None), step_mod.markov_step_torch),
@@ -43,9 +43,9 @@ def _gpu_driver_active() -> bool:
 
 def backend(*tensors: torch.Tensor) -> str:
     """'triton' or 'torch': which implementation an operation on these tensors runs."""
-    if not HAVE_TRITON or os.environ.get("DSPARK_DISABLE_TRITON", "0") == "1":
+    if not HAVE_TRITON or envs.read(envs.DISABLE_TRITON):
         return "torch"
-    if os.environ.get("DSPARK_FORCE_TRITON", "0") == "1":
+    if envs.read(envs.FORCE_TRITON):
         if not interpreting() and not all(t.is_cuda for t in tensors):
             raise RuntimeError("DSPARK_FORCE_TRITON=1 on CPU tensors needs TRITON_INTERPRET=1")
         return "triton"
@@ -115,15 +115,12 @@ def draft_block(
     return fn(w, base_logits, h, anchor, temperature, seeds, step0, top_k, want_probs, sample=sample)
 
 
-BLOCK_LOOP_MODES = ("auto", "on", "off")
+BLOCK_LOOP_MODES = envs.VARS[envs.BLOCK_LOOP].choices  # auto, on, off
 
 
 def block_loop_mode() -> str:
     """DSPARK_BLOCK_LOOP: auto (default), on or off."""
-    mode = os.environ.get("DSPARK_BLOCK_LOOP", "auto").strip().lower()
-    if mode not in BLOCK_LOOP_MODES:
-        raise ValueError(f"DSPARK_BLOCK_LOOP={mode!r}; expected one of {BLOCK_LOOP_MODES}")
-    return mode
+    return envs.read(envs.BLOCK_LOOP)
 
 
 def _capturing_cuda_graph() -> bool:

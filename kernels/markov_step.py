@@ -13,11 +13,11 @@ normalised by one extra elementwise launch, only when asked for.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import torch.nn.functional as F
 
+from dspark_plugin import envs
 from dspark_plugin.kernels._triton import HAVE_TRITON, alloc, dot_ieee, interpreting, next_pow2, num_sms, tl, triton
 from dspark_plugin.kernels.epilogue import sample_epilogue_torch
 from dspark_plugin.kernels.heads_fused import confidence_torch, latent_torch
@@ -284,7 +284,7 @@ if HAVE_TRITON:
         if sample is None:
             sample = bool((temperature > 0).any())
         if ticket is None:
-            ticket = os.environ.get("DSPARK_KERNELS_TWO_LAUNCH", "0") != "1"
+            ticket = not envs.read(envs.KERNELS_TWO_LAUNCH)
         bb, bv, ns, chunk, n_blocks = launch_config(b, v, r, dev, topk_pad, block_b, block_v, nsplit)
         if w.head_type == "vanilla":
             z, new_state, gather = w.w1, state, True

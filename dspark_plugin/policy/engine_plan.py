@@ -26,22 +26,18 @@ planned: the plan for a block must not depend on anything measured after its tok
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 
+from dspark_plugin import envs
 from dspark_plugin.errors import DSparkError
 from dspark_plugin.policy.draft_gate import DraftGate
 from dspark_plugin.policy.step_rate import SPSCurve
 from dspark_plugin.policy.verify_planner import AsyncScheduler, prefix_survival, schedule_verify_lengths
 
-ENV_MODE = "DSPARK_SCHEDULER"
-ENV_SPS = "DSPARK_SPS"
-ENV_GATE = "DSPARK_DRAFT_GATE"
-ENV_DEFER = "DSPARK_DEFER_CONTEXT"
-MODES = ("early_stop", "async", "fixed")
+MODES = envs.VARS[envs.SCHEDULER].choices  # early_stop, async, fixed
 DRAFT_COST_DECAY = 0.9  # running mean of the drafter's step time: recent steps weigh more
 
 
@@ -53,24 +49,11 @@ class SchedulerSettings:
     defer_context: bool = True  # a skipped step's context K/V waits for the next draft
 
 
-def _on_off(env: Mapping[str, str], name: str) -> bool:
-    value = (env.get(name) or "on").strip().lower()
-    if value not in ("on", "off"):
-        raise DSparkError(f"environment variable {name}: {env.get(name)!r} is not one of on, off")
-    return value == "on"
-
-
 def settings_from_env(env: Mapping[str, str] | None = None) -> SchedulerSettings:
     """Read DSPARK_SCHEDULER / DSPARK_SPS / DSPARK_DRAFT_GATE / DSPARK_DEFER_CONTEXT; a bad value
-    is one error naming the variable."""
-    env = os.environ if env is None else env
-    mode = (env.get(ENV_MODE) or "").strip().lower() or None
-    if mode is not None and mode not in MODES:
-        raise DSparkError(f"environment variable {ENV_MODE}: {env.get(ENV_MODE)!r} is not one of {', '.join(MODES)}")
-    path = (env.get(ENV_SPS) or "").strip() or None
-    if path is not None and not os.path.isfile(path):
-        raise DSparkError(f"environment variable {ENV_SPS}: {path}: SPS file not found")
-    return SchedulerSettings(mode, path, _on_off(env, ENV_GATE), _on_off(env, ENV_DEFER))
+    is one error naming the variable (declared and parsed in `dspark_plugin.envs`)."""
+    return SchedulerSettings(envs.read(envs.SCHEDULER, env), envs.read(envs.SPS, env),
+                             envs.read(envs.DRAFT_GATE, env), envs.read(envs.DEFER_CONTEXT, env))
 
 
 def resolve_mode(requested: str | None, curve: SPSCurve | None, has_confidence: bool) -> tuple[str, str | None]:

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from dspark_plugin import envs
 from dspark_plugin.errors import DSparkError
 
 CACHE_VERSION = 1
@@ -188,7 +189,7 @@ def cache_key(target: str, device: str, dtype: str | torch.dtype, engine: str = 
 
 
 def default_cache_path() -> Path:
-    root = os.environ.get("DSPARK_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "dspark")
+    root = envs.read(envs.CACHE_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "dspark")
     return Path(root) / "sps.json"
 
 

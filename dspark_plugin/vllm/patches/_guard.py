@@ -7,20 +7,19 @@ fighting over one function, would otherwise stack wrappers silently).
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from dspark_plugin import envs
 from dspark_plugin.errors import DSparkError
 
-ENV_DISABLE = "DSPARK_DISABLE_PATCHES"
+ENV_DISABLE = envs.DISABLE_PATCHES
 _MARK = "_dspark_patch"
 
 
 def disabled_patches(known: Iterable[str], env: Mapping[str, str] | None = None) -> frozenset[str]:
     """Names in DSPARK_DISABLE_PATCHES; one error naming the variable for a name that is not a patch."""
-    env = os.environ if env is None else env
-    names = frozenset(n.strip() for n in (env.get(ENV_DISABLE) or "").split(",") if n.strip())
+    names = envs.read(ENV_DISABLE, env)
     unknown = sorted(names - set(known))
     if unknown:
         raise DSparkError(f"environment variable {ENV_DISABLE}: unknown patch name(s) {', '.join(unknown)}; "

@@ -1,0 +1,149 @@
+"""Every `DSPARK_*` environment switch, declared once: name, type, default, meaning; one parser.
+
+Code reads a switch with `read(NAME)` (or `read(NAME, env)` for an explicit mapping), never through
+`os.environ` directly. A value is read when the code asks for it (tests and the kernel dispatch flip
+switches at run time) and parsed once per distinct value; a bad value raises `DSparkEnvError`
+naming the variable, the value and what it accepts. `markdown_table()` renders the list for the
+README.
+
+Variables outside this list that the project's *tests and scripts* read (DSPARK_E2E_DRAFTER,
+DSPARK_MODELS, DSPARK_SRC, ...) are not switches of the package and are documented where used.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dspark_plugin.errors import DSparkError
+
+# Kinds: "choice" (one of `choices`, case-insensitive), "on_off" ("on" / "off" -> bool),
+# "flag" ("0" / "1" -> bool), "path" (any path), "file" (an existing file), "names" (comma list).
+KINDS = ("choice", "on_off", "flag", "path", "file", "names")
+
+
+class DSparkEnvError(DSparkError):
+    """A DSPARK_* variable holds a value its declaration does not accept."""
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    kind: str
+    default: Any
+    meaning: str
+    choices: tuple[str, ...] = ()
+    default_text: str | None = None  # how the table shows the default, when not the value itself
+    internal: bool = False           # set by the package itself, not by users
+    what: str = "file"               # kind "file": what the file is, for the error
+
+    @property
+    def type_text(self) -> str:
+        return {"choice": " \\| ".join(self.choices), "on_off": "on \\| off", "flag": "0 \\| 1",
+                "path": "directory", "file": "file", "names": "comma-separated names"}[self.kind]
+
+
+_VARS: tuple[EnvVar, ...] = (
+    EnvVar("DSPARK_SCHEDULER", "choice", None,
+           "vLLM proposer's verify lengths: `early_stop` (Algorithm 1, lossless), `async` (budget from "
+           "survivals two steps old) or `fixed` (the full block every step)",
+           choices=("early_stop", "async", "fixed"),
+           default_text="`early_stop` when an SPS curve is found, else `fixed`"),
+    EnvVar("DSPARK_SPS", "file", None,
+           "SPS curve JSON (`dspark profile --engine vllm --out FILE`) for the vLLM scheduler",
+           default_text="`<drafter>/dspark_sps.json`, then the cache", what="SPS file"),
+    EnvVar("DSPARK_DRAFT_GATE", "on_off", True,
+           "with the scheduler on, skip a step's draft where drafting has been earning fewer tokens/s than not"),
+    EnvVar("DSPARK_DEFER_CONTEXT", "on_off", True,
+           "a step without a draft keeps its context K/V for the next draft to write (`off`: written in the step)"),
+    EnvVar("DSPARK_CACHE_DIR", "path", None,
+           "where `dspark profile` caches measured SPS curves (`sps.json`)",
+           default_text="`~/.cache/dspark`"),
+    EnvVar("DSPARK_BLOCK_LOOP", "choice", "auto",
+           "draft a block in one kernel launch (`on`), one launch per position (`off`), or let dispatch pick",
+           choices=("auto", "on", "off")),
+    EnvVar("DSPARK_DISABLE_TRITON", "flag", False,
+           "1: every kernel operation runs its PyTorch twin, never Triton"),
+    EnvVar("DSPARK_FORCE_TRITON", "flag", False,
+           "1: every kernel operation runs Triton (CPU tensors need `TRITON_INTERPRET=1`)"),
+    EnvVar("DSPARK_KERNELS_POISON", "flag", False,
+           "1: kernel outputs are pre-filled with NaN / -1, so tests prove every element is written"),
+    EnvVar("DSPARK_KERNELS_TWO_LAUNCH", "flag", False,
+           "1: the split Markov-step kernel merges its partials in a second launch instead of the atomic ticket"),
+    EnvVar("DSPARK_DISABLE_PATCHES", "names", frozenset(),
+           "vLLM patches (file names in `dspark_plugin/vllm/patches/`) not to install",
+           default_text="none"),
+    EnvVar("DSPARK_VLLM_LAUNCHER_REEXEC", "flag", False,
+           "set by `dspark-vllm` on its one re-execution with `LD_PRELOAD`", internal=True),
+)
+VARS: dict[str, EnvVar] = {v.name: v for v in _VARS}
+
+SCHEDULER = "DSPARK_SCHEDULER"
+SPS = "DSPARK_SPS"
+DRAFT_GATE = "DSPARK_DRAFT_GATE"
+DEFER_CONTEXT = "DSPARK_DEFER_CONTEXT"
+CACHE_DIR = "DSPARK_CACHE_DIR"
+BLOCK_LOOP = "DSPARK_BLOCK_LOOP"
+DISABLE_TRITON = "DSPARK_DISABLE_TRITON"
+FORCE_TRITON = "DSPARK_FORCE_TRITON"
+KERNELS_POISON = "DSPARK_KERNELS_POISON"
+KERNELS_TWO_LAUNCH = "DSPARK_KERNELS_TWO_LAUNCH"
+DISABLE_PATCHES = "DSPARK_DISABLE_PATCHES"
+VLLM_LAUNCHER_REEXEC = "DSPARK_VLLM_LAUNCHER_REEXEC"
+
+
+def _error(var: EnvVar, raw: str, why: str) -> DSparkEnvError:
+    return DSparkEnvError(f"environment variable {var.name}: {raw!r} {why}")
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(name: str, raw: str) -> Any:
+    """One parser for every kind; `raw` is the non-empty (stripped) value."""
+    var = VARS[name]
+    if var.kind == "choice":
+        value = raw.lower()
+        if value not in var.choices:
+            raise _error(var, raw, f"is not one of {', '.join(var.choices)}")
+        return value
+    if var.kind == "on_off":
+        value = raw.lower()
+        if value not in ("on", "off"):
+            raise _error(var, raw, "is not one of on, off")
+        return value == "on"
+    if var.kind == "flag":
+        if raw not in ("0", "1"):
+            raise _error(var, raw, "is not one of 0, 1")
+        return raw == "1"
+    if var.kind == "names":
+        return frozenset(n.strip() for n in raw.split(",") if n.strip())
+    return raw  # path / file: checked by read (a file may appear later)
+
+
+def read(name: str, env: Mapping[str, str] | None = None) -> Any:
+    """The parsed value of switch `name` in `env` (default: the process environment, read now)."""
+    var = VARS[name]
+    raw = (os.environ if env is None else env).get(name)
+    raw = (raw or "").strip()
+    if not raw:
+        return var.default
+    if var.kind == "file" and not os.path.isfile(raw):
+        raise DSparkEnvError(f"environment variable {name}: {raw}: {var.what} not found")
+    return _parse(name, raw)
+
+
+def markdown_table(include_internal: bool = False) -> str:
+    """The switches as a markdown table (variable, values, default, meaning)."""
+    rows = ["| variable | values | default | meaning |", "|---|---|---|---|"]
+    for var in _VARS:
+        if var.internal and not include_internal:
+            continue
+        if var.default_text is not None:
+            default = var.default_text
+        elif isinstance(var.default, bool):
+            default = f"`{('on' if var.default else 'off') if var.kind == 'on_off' else int(var.default)}`"
+        else:
+            default = f"`{var.default}`"
+        rows.append(f"| `{var.name}` | {var.type_text} | {default} | {var.meaning} |")
+    return "\n".join(rows) + "\n"
