@@ -48,7 +48,7 @@ def make_models():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dspark_plugin.vllm.testing import random_drafter
+    from harness.vllm_testing import random_drafter
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
@@ -143,4 +143,5 @@ def main():
 main()
 EOF
 
-"$PY" "$WORK/check.py" "$WORK" "$RESULTS"
+# The repository root on the path: harness/ (random_drafter) lives in the checkout, not the wheel.
+PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" "$PY" "$WORK/check.py" "$WORK" "$RESULTS"

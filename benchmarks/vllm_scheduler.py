@@ -44,8 +44,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from vllm_serving import prompt_sets, shipped, started, stream_chat, timed_load  # noqa: E402
 
-from dspark_plugin.vllm.serving import VllmServer  # noqa: E402
-from dspark_plugin.vllm.testing import vllm_env  # noqa: E402
+from harness.vllm_serving import VllmServer  # noqa: E402
+from harness.vllm_testing import vllm_env  # noqa: E402
 
 CONFIGS = ("no-spec", "dspark-fixed", "dspark-scheduler", "dspark-scheduler-nogate")
 

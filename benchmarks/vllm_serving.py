@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dspark_plugin.reference.prompts import read_prompts  # noqa: E402
-from dspark_plugin.vllm.serving import VllmServer, acceptance_length  # noqa: E402
+from harness.vllm_serving import VllmServer, acceptance_length  # noqa: E402
 
 # The workplace's prompt sets: beside the checkout (../shared/data), else the usual mount.
 DATA = next((d for d in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data"))

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from dspark_plugin.vllm.testing import random_drafter, smollm2_drafter_config, smollm2_target, vllm_env
+from harness.vllm_testing import random_drafter, smollm2_drafter_config, smollm2_target, vllm_env
 
 SCRIPT = textwrap.dedent("""
 import json, sys, torch
@@ -80,7 +80,7 @@ def target_dir():
 
 
 def load_in_vllm(target, drafter, cls_name):
-    from dspark_plugin.vllm.serving import free_port
+    from harness.vllm_serving import free_port
 
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(target), str(drafter), cls_name, str(free_port())],
                           capture_output=True, text=True, timeout=600, env=vllm_env(VLLM_PLUGINS="dspark"))

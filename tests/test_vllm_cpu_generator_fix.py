@@ -69,7 +69,7 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_seeded_request_with_chunked_prefill_survives(tmp_path):
-    from dspark_plugin.vllm.testing import shipped_drafter, smollm2_target, vllm_env
+    from harness.vllm_testing import shipped_drafter, smollm2_target, vllm_env
 
     drafter = shipped_drafter("smollm2-135m-dspark-vanilla")
     assert drafter is not None, "drafters/smollm2-135m-dspark-vanilla-b7 is missing"

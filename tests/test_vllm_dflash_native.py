@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from dspark_plugin.cli import main
-from dspark_plugin.vllm.testing import vllm_env
+from harness.vllm_testing import vllm_env
 from tiny_target import WORDS, build_tiny_target
 
 pytestmark = pytest.mark.slow
@@ -141,7 +141,7 @@ def _subprocess(args: list[str], timeout: int = 900) -> subprocess.CompletedProc
 
 
 def test_vllm_native_dflash_class_loads_every_tensor(trained):
-    from dspark_plugin.vllm.serving import free_port
+    from harness.vllm_serving import free_port
 
     proc = _subprocess(["-c", LOAD, str(trained["target"]), str(trained["drafter"]), str(free_port())])
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from dspark_plugin.vllm.serving import VllmServer
-from dspark_plugin.vllm.testing import REPO, quick_drafter, smollm2_target, vllm_env
+from harness.vllm_serving import VllmServer
+from harness.vllm_testing import REPO, quick_drafter, smollm2_target, vllm_env
 
 pytestmark = pytest.mark.slow
 
@@ -196,7 +196,7 @@ def test_scheduler_sampling_request_completes(scheduler_run):
 
 
 def test_metrics_show_drafts_and_acceptance(dspark_run):
-    from dspark_plugin.vllm.serving import acceptance_length
+    from harness.vllm_serving import acceptance_length
 
     _, before, after = dspark_run
     drafts = after["vllm:spec_decode_num_drafts"] - before.get("vllm:spec_decode_num_drafts", 0.0)
@@ -215,7 +215,7 @@ def test_acceptance_matches_reference_runner(target, drafter_and_prompts, dspark
     from dspark_plugin.checkpoint.deepspec import load_drafter
     from dspark_plugin.reference.runner import ReferenceRunner
     from dspark_plugin.reference.target import eos_ids, load_target
-    from dspark_plugin.vllm.serving import acceptance_length
+    from harness.vllm_serving import acceptance_length
 
     torch.set_num_threads(2)
     model, tok = load_target(target)

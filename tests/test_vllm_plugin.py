@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dspark_plugin.vllm import launcher
-from dspark_plugin.vllm.testing import random_drafter, smollm2_drafter_config, smollm2_target, vllm_env
+from harness.vllm_testing import random_drafter, smollm2_drafter_config, smollm2_target, vllm_env
 from dspark_plugin.vllm.versions import VllmBuild, installed_vllm, policy_message
 
 

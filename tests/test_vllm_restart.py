@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from dspark_plugin.vllm.serving import VllmServer, free_port
-from dspark_plugin.vllm.testing import REPO, smollm2_target, vllm_env
+from harness.vllm_serving import VllmServer, free_port
+from harness.vllm_testing import REPO, smollm2_target, vllm_env
 
 pytestmark = pytest.mark.slow
 

@@ -58,7 +58,7 @@ SCHEDULER_SPS = {"batch_sizes": [1, 96, 512], "sps": [25.0, 25.0, 25.0 / (1 + 0.
 
 
 def drafter_dir() -> Path:
-    from dspark_plugin.vllm.testing import shipped_drafter
+    from harness.vllm_testing import shipped_drafter
 
     forced = os.environ.get("DSPARK_SAMPLING_DRAFTER") or os.environ.get("DSPARK_E2E_DRAFTER")
     if forced:
@@ -198,7 +198,7 @@ def two_sample_p(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def target() -> Path:
-    from dspark_plugin.vllm.testing import smollm2_target
+    from harness.vllm_testing import smollm2_target
 
     return smollm2_target()
 
@@ -215,7 +215,7 @@ def prompt_ids(target) -> list[int]:
 @pytest.fixture(scope="module")
 def runs(target, prompt_ids, tmp_path_factory) -> dict:
     from dspark_plugin.policy.step_rate import SPSCurve
-    from dspark_plugin.vllm.testing import vllm_env
+    from harness.vllm_testing import vllm_env
 
     tmp = tmp_path_factory.mktemp("vllm_sampling")
     SPSCurve.from_dict(SCHEDULER_SPS).save(tmp / "sps.json", "sampling-test")

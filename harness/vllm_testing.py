@@ -1,4 +1,4 @@
-"""Helpers shared by tests/test_vllm*.py and the serving benchmark (no pytest import here)."""
+"""Helpers shared by tests/vllm/ and the serving benchmarks (no pytest import here; not packaged)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_DIR = REPO / "work_cache" / "smollm2-135m"
 
 
