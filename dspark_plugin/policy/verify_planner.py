@@ -32,7 +32,7 @@ x_1..x_{k-1}; a[r, k+1] = a[r, k] * c_{k+1} is the first survival that depends o
    p = (0.7, 0.3), a uniform drafter, c_1 = 0.5, c_2 = 1 if x_1 = 0 else 0, and an SPS curve
    where verifying 1 token does not pay but verifying 2 does: x_1 = 0 is verified (and accepted),
    x_1 = 1 is not (its place is redrawn from the target), so token 0 is served with probability
-   0.5 + 0.5 * 0.7 = 0.85. tests/test_scheduler_lossless.py measures exactly this.
+   0.5 + 0.5 * 0.7 = 0.85. tests/core/test_scheduler_lossless.py measures exactly this.
  * Async variant: the budget K comes from survivals of an earlier step (already in the past), and
    "(r, k) is among the top K" depends only on the entries ranked before it: lossless for the same
    reason as the early stop.

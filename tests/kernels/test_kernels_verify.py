@@ -8,7 +8,7 @@ import pytest
 import torch
 
 if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("kernel tests run in a TRITON_INTERPRET=1 subprocess from tests/test_kernels.py",
+    pytest.skip("kernel tests run in a TRITON_INTERPRET=1 subprocess from tests/kernels/test_kernels.py",
                 allow_module_level=True)
 
 from test_kernels_rng import poisoned  # noqa: E402,F401

@@ -12,7 +12,7 @@ from patch_check import apply_to_copy
 
 from dspark_plugin.vllm.versions import installed_vllm
 
-PATCHES = Path(__file__).resolve().parents[1] / "patches"
+PATCHES = Path(__file__).resolve().parents[2] / "patches"
 TOUCHED = ("vllm/config/vllm.py", "vllm/v1/worker/gpu_model_runner.py")
 
 

@@ -1,6 +1,6 @@
-"""Runs the kernel test files (tests/test_kernels_*.py) under TRITON_INTERPRET=1 in a subprocess.
+"""Runs the kernel test files (tests/kernels/test_kernels_*.py) under TRITON_INTERPRET=1 in a subprocess.
 
-See tests/test_kernels_rng.py for why they cannot share this pytest process.
+See tests/kernels/test_kernels_rng.py for why they cannot share this pytest process.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_kernel_suite_under_interpreter():
     files = [str(p) for p in interpreted_kernel_files()]
     env = dict(os.environ, TRITON_INTERPRET="1", DSPARK_FORCE_TRITON="0")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
-                          cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=1500)
+                          cwd=HERE.parents[1], env=env, capture_output=True, text=True, timeout=1500)
     tail = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     summary = re.search(r"(\d+) passed", proc.stdout)

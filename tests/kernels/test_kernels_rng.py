@@ -3,7 +3,7 @@
 Kernel tests need TRITON_INTERPRET=1 from before Triton is first imported (Triton's own
 standard-library functions are decorated at import), and setting it inside a shared pytest process
 would leak into everything else that imports Triton (vLLM). So each kernel test file runs only
-under TRITON_INTERPRET=1, and tests/test_kernels.py runs all of them in such a subprocess.
+under TRITON_INTERPRET=1, and tests/kernels/test_kernels.py runs all of them in such a subprocess.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from scipy.stats import chisquare
 
 if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("kernel tests run in a TRITON_INTERPRET=1 subprocess from tests/test_kernels.py",
+    pytest.skip("kernel tests run in a TRITON_INTERPRET=1 subprocess from tests/kernels/test_kernels.py",
                 allow_module_level=True)
 
 import triton  # noqa: E402

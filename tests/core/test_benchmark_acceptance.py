@@ -7,7 +7,7 @@ from pathlib import Path
 from dspark_plugin.checkpoint.deepspec import save_drafter
 from tiny import save_tiny_target, tiny_drafter
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "acceptance.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "acceptance.py"
 
 
 def test_acceptance_benchmark_reference_engine(tmp_path):
