@@ -6,8 +6,9 @@ switches at run time) and parsed once per distinct value; a bad value raises `DS
 naming the variable, the value and what it accepts. `markdown_table()` renders the list for the
 README.
 
-Variables outside this list that the project's *tests and scripts* read (DSPARK_E2E_DRAFTER,
-DSPARK_MODELS, DSPARK_SRC, ...) are not switches of the package and are documented where used.
+Variables that only the project's tests and scripts read (an end-to-end drafter, the models and
+source directories of docker/install.sh) are not switches of the package; they are documented
+where they are used. tests/core/test_envs.py checks that the package names no other DSPARK_ variable.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from dspark_plugin.errors import DSparkError
 
 # Kinds: "choice" (one of `choices`, case-insensitive), "on_off" ("on" / "off" -> bool),
 # "flag" ("0" / "1" -> bool), "path" (any path), "file" (an existing file), "names" (comma list).
-KINDS = ("choice", "on_off", "flag", "path", "file", "names")
 
 
 class DSparkEnvError(DSparkError):
