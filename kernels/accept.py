@@ -1,4 +1,4 @@
-"""Variable-length acceptance of a drafted prefix, one program per request (DSPARK.md §1.6).
+"""Variable-length acceptance of a drafted prefix, one program per request (docs/algorithm.md §1.6).
 
 Semantics are those of dspark_plugin.decode.verify: greedy accepts while the draft equals the target
 argmax; rejection accepts x_j when u_j * p_d(x_j) < p_t(x_j), then draws the correction from

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="output: 'deepspec' (anchor-first, vLLM method dspark via the plugin) or 'dflash' "
                         "(vLLM's native dflash drafter: bonus token + masks, block_size - 1 drafts; needs --head none)")
     p.add_argument("--layers", type=int, default=1, help="draft decoder layers")
-    p.add_argument("--num-taps", type=int, default=5, help="tapped target layers (DSPARK.md formula)")
+    p.add_argument("--num-taps", type=int, default=5, help="tapped target layers (docs/algorithm.md §2 formula)")
     p.add_argument("--block-size", type=int, default=7)
     p.add_argument("--markov-rank", type=int, default=64)
     p.add_argument("--no-confidence", action="store_true", help="train without the confidence head")

@@ -1,4 +1,4 @@
-"""Semi-parallel drafting: one backbone pass, then the sequential head left to right (DSPARK.md §1.3)."""
+"""Semi-parallel drafting: one backbone pass, then the sequential head left to right (docs/algorithm.md §1.3)."""
 from __future__ import annotations
 
 import dataclasses

@@ -7,7 +7,7 @@ import torch
 
 
 def tap_layer_ids(num_target_layers: int, n: int = 5) -> list[int]:
-    """`round(1 + i*(L-4)/(n-1))`: spread over the network, never the last layer (DSPARK.md §2)."""
+    """`round(1 + i*(L-4)/(n-1))`: spread over the network, never the last layer (docs/algorithm.md §2)."""
     if n < 1:
         raise ValueError(f"need at least one tapped layer, got n={n}")
     if num_target_layers < 4:

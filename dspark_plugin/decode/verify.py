@@ -1,4 +1,4 @@
-"""Verification of a drafted prefix of any length 0..gamma (DSPARK.md §1.6).
+"""Verification of a drafted prefix of any length 0..gamma (docs/algorithm.md §1.6).
 
 Greedy: accept while the draft equals the target argmax. Sampling: accept x_k with probability
 min(1, p_t(x_k) / p_d(x_k)); at the first rejection resample from normalise(max(0, p_t - p_d));

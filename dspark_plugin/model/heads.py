@@ -1,4 +1,4 @@
-"""Sequential heads (vanilla / gated Markov, RNN) and the confidence head (DSPARK.md §1.3-1.4).
+"""Sequential heads (vanilla / gated Markov, RNN) and the confidence head (docs/algorithm.md §1.3-1.4).
 
 Every head turns the previous token x_{k-1} and the backbone state h_k into a bias B_k added to
 the base logits U_k; it is the only left-to-right part of drafting, so it is kept tiny.

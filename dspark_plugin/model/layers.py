@@ -1,4 +1,4 @@
-"""Qwen3-shaped draft decoder layer with KV injection (DSPARK.md §1.1).
+"""Qwen3-shaped draft decoder layer with KV injection (docs/algorithm.md §1.1).
 
 Queries come from the block; keys/values are the layer's own k/v projections of the injected
 context features `H_ctx` followed by those of the block. Attention is non-causal inside the

@@ -1,4 +1,4 @@
-"""Per-request verify lengths for the vLLM proposer: the engine side of DSPARK.md §1.5.
+"""Per-request verify lengths for the vLLM proposer: the engine side of docs/algorithm.md §1.5.
 
 Engine-free (no vLLM import) so it is unit-tested without an engine. The proposer drafts the full
 block for every request, then asks `VerifyPlanner.plan` how long a prefix of each block vLLM

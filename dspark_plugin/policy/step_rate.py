@@ -1,4 +1,4 @@
-"""Engine steps per second versus verified-token batch size B (the SPS curve of DSPARK.md §1.5).
+"""Engine steps per second versus verified-token batch size B (the SPS curve of docs/algorithm.md §1.5).
 
 The scheduler trades expected tokens against step cost, so it needs SPS(B) for the engine it runs
 in. We measure it (time a step that verifies B tokens at a few B), smooth it so it is

@@ -1,4 +1,4 @@
-"""Confidence-scheduled, load-aware verification (DSPARK.md §1.5).
+"""Confidence-scheduled, load-aware verification (docs/algorithm.md §1.5).
 
 Every request drafts the full block of gamma tokens; the scheduler only decides how long a prefix
 of each block the target verifies this engine step. With prefix survivals a[r, j] (the predicted

@@ -1,4 +1,4 @@
-"""Sequential temperature scaling of the confidence head (DSPARK.md §1.4).
+"""Sequential temperature scaling of the confidence head (docs/algorithm.md §1.4).
 
 The scheduler ranks draft positions by prefix survival a_k = prod_{i<=k} c_i, so what must be
 calibrated is the cumulative product, not each c_k alone. For k = 1..gamma in turn we pick T_k

@@ -1,4 +1,4 @@
-"""Regenerate training responses with the target itself (DSPARK.md §2: the drafter must learn the
+"""Regenerate training responses with the target itself (docs/algorithm.md §2: the drafter must learn the
 target's own distribution, so dataset answers are replaced by the target's answers).
 
 Output is JSONL, one line per prompt: {"prompt", "prompt_ids", "response_ids", "response",

@@ -79,7 +79,7 @@ def lr_at(step: int, total: int, base: float, warmup_frac: float) -> float:
 
 
 def drafter_config(target_config, opts: TrainOptions, mask_token_id: int) -> DSparkConfig:
-    """The target's decoder geometry + the DSpark fields (DSPARK.md §3)."""
+    """The target's decoder geometry + the DSpark fields (docs/algorithm.md §3)."""
     tc = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
     L = int(tc.num_hidden_layers)
     dflash = opts.head == "none"

@@ -1,4 +1,4 @@
-"""DSpark training loss (DSPARK.md §2), computed only on the valid prefix of each block.
+"""DSpark training loss (docs/algorithm.md §2), computed only on the valid prefix of each block.
 
 `0.1 * CE(x*_k) + 0.9 * ||p_d - p_t||_1 + 1.0 * BCE(c_k, 1 - 0.5 * ||p_d - p_t||_1)`, each term a
 weighted mean with w_k = exp(-(k-1)/4). The sequential head is teacher-forced: step k reads the

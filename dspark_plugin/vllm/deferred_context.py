@@ -1,6 +1,6 @@
 """Context K/V of steps that do not draft, written in one go before the next draft.
 
-Every target step's hidden states become the drafter's context K/V (DSPARK.md §1.2), which only
+Every target step's hidden states become the drafter's context K/V (docs/algorithm.md §1.2), which only
 a later draft reads. A step the draft gate skips therefore need not write it then: the proposer
 keeps the step's tapped hidden states, positions and slots here and writes all kept steps, oldest
 first, right before the next draft (or when a step would bring them to `max_tokens`: then that step,

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def literal_algorithm_1(a: torch.Tensor, sps, early_stop: bool = True) -> list[int]:
-    """DSPARK.md §1.5 written as a plain loop (the reference the vectorised code must match)."""
+    """docs/algorithm.md §1.5 written as a plain loop (the reference the vectorised code must match)."""
     R, g = a.shape
     entries = sorted(((a[r, j].item(), j, r) for r in range(R) for j in range(g)), key=lambda e: (-e[0], e[1], e[2]))
     lengths = [0] * R

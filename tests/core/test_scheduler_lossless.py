@@ -1,4 +1,4 @@
-"""Statistical losslessness of confidence-scheduled verification (DSPARK.md §1.5).
+"""Statistical losslessness of confidence-scheduled verification (docs/algorithm.md §1.5).
 
 A real little decoding loop over a toy vocabulary: draft a full block from a toy drafter whose
 confidence c_k depends on x_{k-1} (as DSpark's does), compute prefix survivals, ask the scheduler
