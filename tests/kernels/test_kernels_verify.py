@@ -46,7 +46,7 @@ def test_admission_selects_top_budget_prefixes(poisoned, r, g):
 
 @pytest.mark.parametrize("r,g", [(3, 4), (9, 3)])
 def test_admission_ties_follow_the_scheduler_order(poisoned, r, g):
-    """Kernel and twin break ties like scheduler._admission_order (smaller j, then smaller r), so
+    """Kernel and twin break ties like verify_planner._admission_order (smaller j, then smaller r), so
     they admit exactly what the scheduler's exact float64 sort admits."""
     from dspark_plugin.policy.verify_planner import top_k_verify_lengths
 
