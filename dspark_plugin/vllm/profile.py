@@ -29,6 +29,7 @@ from dspark_plugin.policy.step_rate import (
     default_cache_path,
     engine_device_tag,
     load_or_measure,
+    measure_sps,
     target_fingerprint,
 )
 
@@ -148,8 +149,6 @@ def _child(argv: list[str] | None = None) -> int:
     import time
 
     from vllm import LLM
-
-    from dspark_plugin.policy.step_rate import measure_sps
 
     sizes = sorted({int(x) for x in args.batch_sizes.split(",")})
     # Enough tokens that no request finishes inside the timed steps (a finishing request would

@@ -45,6 +45,7 @@ from vllm.v1.spec_decode.dflash import DFlashProposer
 from dspark_plugin.decode.draft import DraftBlock, sequential_draft
 from dspark_plugin.policy.draft_gate import DraftGate
 from dspark_plugin.policy.engine_plan import SchedulerSettings, VerifyPlanner, resolve_mode, settings_from_env
+from dspark_plugin.policy.step_rate import find_sps_curve
 from dspark_plugin.vllm.deferred_context import DeferredContext, context_slots
 
 # Under the "vllm." namespace: vLLM configures handlers for its own loggers only, so INFO lines of
@@ -95,8 +96,6 @@ class DSparkProposer(DFlashProposer):
 
     def _make_planner(self, vllm_config: Any, runner: Any, settings: SchedulerSettings) -> VerifyPlanner:
         """The verify-length policy, chosen once at start-up."""
-        from dspark_plugin.policy.step_rate import find_sps_curve
-
         spec = vllm_config.speculative_config
         drafter_cfg = spec.draft_model_config.hf_config
         has_conf = bool(getattr(drafter_cfg, "enable_confidence_head", False))
