@@ -15,7 +15,7 @@ from dspark_plugin.decode.draft import sequential_draft
 from dspark_plugin.errors import DSparkCheckpointError, DSparkConfigError
 from dspark_plugin.reference.runner import ReferenceRunner
 from dspark_plugin.train.prune_vocab import prune_drafter, select_draft_vocab
-from test_lossless_sampling import chi2_pvalue, exact_joint
+from test_lossless_sampling import chi2_pvalue, exact_joint  # tests/core/, beside this file
 from tiny import tiny_drafter, tiny_target
 
 PROMPTS = [[2 + p, 3 + (p * 7) % 50, 4 + (p * 13) % 60, 10 + p % 9] for p in range(12)]
