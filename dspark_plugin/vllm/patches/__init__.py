@@ -7,17 +7,19 @@ still has the shape (or the bug) the patch was written against, so a fixed vLLM 
 `DSPARK_DISABLE_PATCHES=a,b` switches patches off by name; the server logs one line saying which
 are on, off or not needed. `plugin.register()` calls `install_all()` in every process vLLM starts.
 
-| name                       | replaces                                                     | process     | scope               |
-|----------------------------|--------------------------------------------------------------|-------------|---------------------|
-| aot_cache_load             | compilation.decorators._try_load_aot_compiled_fn             | workers     | every server        |
-| cpu_sampling_expand        | v1.sample.rejection_sampler.expand_batch_to_tokens           | workers     | every server        |
-| cpu_seeded_chunked_prefill | GPUModelRunner._sample, GPUModelRunner._bookkeeping_sync     | workers     | every server        |
-| v1_dspark_method           | VllmConfig._get_v1_model_runner_unsupported_features         | front end   | every server (acts  |
-|                            | GPUModelRunner.__init__                                      | workers     | on DSpark configs)  |
-| plain_steps_without_drafts | GPUModelRunner._prepare_inputs                               | workers     | DSpark configs only |
-| drafts_with_output         | GPUModelRunner.sample_tokens                                 | workers     | DSpark configs only |
-|                            | Scheduler.update_from_output, EngineCore.post_step           | engine core | every server, pass- |
-|                            |                                                              |             | through w/o DSpark  |
+| name                       | replaces (under `vllm.`)                            | process     | scope          |
+|----------------------------|-----------------------------------------------------|-------------|----------------|
+| aot_cache_load             | compilation.decorators._try_load_aot_compiled_fn    | workers     | every server   |
+| cpu_sampling_expand        | v1.sample.rejection_sampler.expand_batch_to_tokens  | workers     | every server   |
+| cpu_seeded_chunked_prefill | GPUModelRunner._sample, ._bookkeeping_sync          | workers     | every server   |
+| v1_dspark_method           | VllmConfig._get_v1_model_runner_unsupported_features| front end   | every server,  |
+|                            | GPUModelRunner.__init__                             | workers     | acts on DSpark |
+| plain_steps_without_drafts | GPUModelRunner._prepare_inputs                      | workers     | DSpark only    |
+| drafts_with_output         | GPUModelRunner.sample_tokens                        | workers     | DSpark only    |
+|                            | Scheduler.update_from_output, EngineCore.post_step  | engine core | every server,  |
+|                            |                                                     |             | pass-through   |
+
+("DSpark only": the scope "DSpark configs only" of the patch's docstring.)
 
 How "DSpark configs only" works. A patch's parts named in its `DSPARK_RUNNER_PARTS` are not
 installed at registration (no process knows its config then): `install_all()` only arms them, and
@@ -25,12 +27,13 @@ installed at registration (no process knows its config then): `install_all()` on
 `GPUModelRunner.__init__` wrapper (or, with vLLM's V1 proposer registry, the registered factory)
 constructs a runner for a DSpark config. A server without DSpark never has them; their wrappers
 still check `dspark_config.serves()` on every call. The engine-core part of `drafts_with_output`
-is the exception, installed at registration: the engine core's first sight of its `VllmConfig`
-after the plugin is loaded would be inside `EngineCore.__init__` (which itself calls
-`load_general_plugins()`, so a wrapper on it misses a spawned engine core's own construction), and
-a worker that attaches drafts to its output while the engine core does not read them would lose
-them. It passes through unless a step's output carries drafts, which only the worker part (DSpark
-runners only) attaches.
+is the exception, installed at registration, a pass-through unless a step's output carries drafts
+(which only the worker part, DSpark runners only, attaches). The engine core sees its `VllmConfig`
+first in `EngineCore.__init__`, which itself calls `load_general_plugins()`: a wrapper on it,
+installed by that very call, misses a spawned engine core's own construction. A hook further in
+(the scheduler's constructor) would be one more private signature wrapped in every server, and if
+it ever missed, a DSpark worker's drafts would be lost (the fallback `take_draft_token_ids` finds
+them taken); the pass-through costs one attribute read and write per step.
 
 Switching off `v1_dspark_method` means DSpark is not enabled on Model Runner V1 (vLLM refuses it
 as without the plugin), so the DSpark-only parts are never installed either.

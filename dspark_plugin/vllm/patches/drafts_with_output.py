@@ -33,6 +33,8 @@ from typing import Any
 
 from vllm.logger import init_logger
 
+from dspark_plugin.vllm.dspark_config import serves
+
 logger = init_logger("vllm.dspark_plugin.patches.drafts_with_output")
 
 NAME = "drafts_with_output"
@@ -50,8 +52,6 @@ _seen = {"drafts": False}
 
 def _attach_drafts(runner: Any, output: Any) -> None:
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, DraftTokenIds, ModelRunnerOutput
-
-    from dspark_plugin.vllm.dspark_config import serves
 
     if (type(output) is not ModelRunnerOutput or output is EMPTY_MODEL_RUNNER_OUTPUT
             or getattr(runner, "use_async_scheduling", False) or not serves(runner.speculative_config)):

@@ -30,6 +30,8 @@ from typing import Any
 
 from vllm.logger import init_logger
 
+from dspark_plugin.vllm.dspark_config import serves
+
 logger = init_logger("vllm.dspark_plugin.patches.plain_steps_without_drafts")
 
 NAME = "plain_steps_without_drafts"
@@ -65,7 +67,6 @@ def install(part: str | None = None) -> None:
     """Install the wrapper (the one part, "worker"; `part` is for the index's calls)."""
     from vllm.v1.worker import gpu_model_runner as gmr
 
-    from dspark_plugin.vllm.dspark_config import serves
     from dspark_plugin.vllm.patches._guard import replace
 
     if part not in (None, *PARTS):
