@@ -76,7 +76,18 @@ def configs(args: argparse.Namespace) -> dict[str, dict[str, Any] | None | str]:
         elif spec["method"] == "dflash":
             spec["num_speculative_tokens"] = native_dflash_tokens(path)
         out[name] = spec
+    if args.dspark_sps and isinstance(out.get("dspark"), dict):
+        out["dspark-planned"] = dict(out["dspark"])  # served with DSPARK_SPS (see server_env)
     return {k: v for k, v in out.items() if not args.only or k in args.only}
+
+
+def server_env(name: str, args: argparse.Namespace) -> dict[str, str] | None:
+    """`dspark-planned` is the dspark configuration with a profiled step-rate curve (DSPARK_SPS)."""
+    if name != "dspark-planned":
+        return None
+    from harness.vllm_testing import vllm_env
+
+    return vllm_env(DSPARK_SPS=str(Path(args.dspark_sps).resolve()))
 
 
 def shipped(prefix: str) -> str | None:
@@ -238,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--native-dflash", default=shipped("smollm2-135m-native-dflash"),
                    help="drafter dir from `dspark train --layout dflash --head none`, served by vLLM's own "
                         "method dflash (default: the shipped smollm2-135m-native-dflash-*)")
+    p.add_argument("--dspark-sps", default=None,
+                   help="also serve the dspark drafter as `dspark-planned`, with this step-rate curve (DSPARK_SPS)")
     p.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="default: the drafter's drafts per step (block_size; block_size - 1 for native dflash)")
     p.add_argument("--ngram-tokens", type=int, default=4)
@@ -266,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         server = VllmServer(args.target, out / f"server-{name}.log", spec,
                             ["--max-model-len", str(args.max_model_len), "--max-num-seqs",
-                             str(max(args.concurrency)), *args.extra_args.split()])
+                             str(max(args.concurrency)), *args.extra_args.split()], env=server_env(name, args))
         if not started(server, name, result, "skipped"):
             continue
         try:

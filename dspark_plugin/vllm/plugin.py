@@ -2,14 +2,15 @@
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers), possibly
 more than once per process, so everything here is idempotent and cheap: the drafter class is
-registered lazily by qualified name and the runner patch installs itself at most once.
+registered lazily by qualified name and the patches (`vllm/patches/`, among them
+`v1_dspark_method`, which lets Model Runner V1 serve DSpark) install themselves at most once.
 Filtering works the usual way: `VLLM_PLUGINS=dspark` (or a list without it to switch it off).
 """
 from __future__ import annotations
 
 from vllm.logger import init_logger  # vLLM is the one importing us, so it is importable
 
-from dspark_plugin.vllm.patch_v1 import DRAFTER_ARCH
+from dspark_plugin.vllm.dspark_config import DRAFTER_ARCH
 from dspark_plugin.vllm.versions import installed_vllm, policy_message
 
 # Under "vllm.": vLLM configures handlers for its own loggers only (see proposer.py).
@@ -33,21 +34,25 @@ def register() -> None:
         return
 
     from dspark_plugin.vllm.patches import install_all
+    from dspark_plugin.vllm.patches._guard import disabled_patches
 
-    install_all()  # engine fixes every server on this build needs, DSpark or not
+    installed = install_all()  # engine fixes every server on this build needs, and the DSpark method
 
     from vllm import ModelRegistry
 
     ModelRegistry.register_model(DRAFTER_ARCH, DRAFTER_CLASS)
 
-    from dspark_plugin.vllm import patch_v1
-
-    _state["patched"] = patch_v1.apply(build)
+    _state["patched"] = installed["v1_dspark_method"]
+    if _state["patched"]:
+        runner_patch = "installed"
+    elif "v1_dspark_method" in disabled_patches(installed):
+        runner_patch = "off (DSPARK_DISABLE_PATCHES)"
+    else:
+        runner_patch = "not needed"
     logger.info("dspark-plugin: registered %s -> %s on %s %s (V1 runner patch %s)",
-                DRAFTER_ARCH, DRAFTER_CLASS, build.distribution, build.version,
-                "installed" if _state["patched"] else "not needed")
+                DRAFTER_ARCH, DRAFTER_CLASS, build.distribution, build.version, runner_patch)
 
 
 def is_active() -> bool:
-    """Whether this process registered the drafter and patched the V1 runner."""
+    """Whether this process registered the drafter and patched the V1 runner (patch `v1_dspark_method`)."""
     return _state["patched"]

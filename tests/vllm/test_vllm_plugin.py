@@ -154,7 +154,7 @@ def test_registration_is_idempotent_and_honours_vllm_plugins(with_plugin, withou
 
 
 def test_v1_accepts_dspark_only_with_the_plugin(with_plugin, without_plugin):
-    # block_drop False: prefix-cache hits keep their last block (patch_v1.keep_prefix_cache_blocks).
+    # block_drop False: prefix-cache hits keep their last block (dspark_config.keep_prefix_cache_blocks).
     assert with_plugin["configs"]["good"] == {"ok": True, "method": "dspark", "v1": True, "lookahead": 7,
                                               "block_drop": False}
     refused = without_plugin["configs"]["good"]

