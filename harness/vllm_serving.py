@@ -51,6 +51,7 @@ class VllmServer:
         extra_args: list[str] | None = None,
         port: int | None = None,
         env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
     ):
         self.model = str(model)
         self.log_path = Path(log_path)
@@ -58,7 +59,9 @@ class VllmServer:
         self.extra_args = list(extra_args or [])
         self.port = port or free_port()
         self.env = env
+        self.cwd = cwd
         self.proc: subprocess.Popen | None = None
+        self.startup_s = float("nan")  # seconds from the process start to the first healthy /health
 
     @property
     def url(self) -> str:
@@ -76,15 +79,17 @@ class VllmServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("w")
         env = dict(os.environ if self.env is None else self.env)
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd,
                                      start_new_session=True, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + timeout
+        deadline = t0 + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
+                        self.startup_s = time.monotonic() - t0
                         return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass

@@ -16,11 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
-import signal
-import subprocess
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -49,50 +44,17 @@ def readme_main_command() -> tuple[str, dict, str]:
     return serve, json.loads(body), " ".join(answer.split())
 
 
-class ShellServer:
-    """A printed command line run with bash in `cwd`, in its own process group."""
+class ShellServer(VllmServer):
+    """A printed command line, run with bash in `cwd` with the user's environment (no launcher
+    defaults, no VLLM_/DSPARK_ settings of this process), plus `--port`."""
 
     def __init__(self, command: str, cwd: Path, log: Path, port: int):
-        self.command, self.cwd, self.log, self.port = command, cwd, log, port
-        self.proc: subprocess.Popen | None = None
-        self.startup_s = float("nan")
-
-    def start(self, timeout: float = 900.0) -> "ShellServer":
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "DSPARK_"))}
-        t0 = time.monotonic()
-        self.proc = subprocess.Popen(["bash", "-c", f"{self.command} --port {self.port}"], cwd=self.cwd, env=env,
-                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-6000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        self.startup_s = time.monotonic() - t0
-                        return self
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(1)
-        self.stop()
-        raise AssertionError(f"server not healthy after {timeout:.0f}s:\n{self.log_text()[-6000:]}")
+        super().__init__("", log, port=port, env=env, cwd=cwd)
+        self.printed = command
 
-    def post(self, path: str, body: dict) -> dict:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=600) as r:
-            return json.loads(r.read())
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
+    def command(self) -> list[str]:
+        return ["bash", "-c", f"{self.printed} --port {self.port}"]
 
 
 def greedy_completions(server, model: str) -> list[str]:
@@ -123,14 +85,14 @@ def readme_starts(tmp_path_factory):
             os.truncate(backbone[0], size // 2)
         server = ShellServer(serve, tree, tree / f"server-{name}.log", free_port())
         try:
-            server.start()
+            server.start(timeout=900)
             chat = server.post("/v1/chat/completions", request)["choices"][0]["message"]["content"]
             completions = greedy_completions(server, request["model"])
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=30).read().decode()
         finally:
             server.stop()
         starts.append({"name": name, "startup_s": server.startup_s, "chat": " ".join(chat.split()),
-                       "completions": completions, "log": server.log_text(), "metrics": metrics})
+                       "completions": completions, "log": server.log_tail(10**8), "metrics": metrics})
         print(f"README main command, {name} start: healthy after {server.startup_s:.0f} s")
     return {"serve": serve, "documented": documented, "starts": starts, "cache_root": cache_root}
 
@@ -180,9 +142,8 @@ def test_vllm_native_dflash_restarts_through_the_launcher(tmp_path):
     for name in ("cold", "warm"):
         server = VllmServer(smollm2_target(), tmp_path / f"server-{name}.log", spec, ["--max-model-len", "1024"],
                             env=env)
-        t0 = time.monotonic()
         with server:
-            startup = time.monotonic() - t0
+            startup = server.startup_s
             runs.append((greedy_completions(server, "target"), server.log_tail(10**7), startup))
         print(f"native dflash, {name} start: healthy after {startup:.0f} s")
     (cold, _, cold_s), (warm, warm_log, warm_s) = runs
