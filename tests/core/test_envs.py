@@ -56,3 +56,11 @@ def test_markdown_table_lists_every_user_switch():
         assert f"| `{var.name}` |" in table
     assert "DSPARK_VLLM_LAUNCHER_REEXEC" not in table
     assert "DSPARK_VLLM_LAUNCHER_REEXEC" in envs.markdown_table(include_internal=True)
+
+
+def test_readme_lists_every_switch_as_envs_declares_it():
+    """The README's "Switches" table is envs.markdown_table(), so the two cannot drift apart."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert envs.markdown_table() in readme
