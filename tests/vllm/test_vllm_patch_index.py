@@ -22,7 +22,7 @@ from dspark_plugin.vllm import patches  # noqa: E402
 from dspark_plugin.vllm.patches._guard import ENV_DISABLE, disabled_patches  # noqa: E402
 from harness.vllm_testing import vllm_env  # noqa: E402
 
-DIFFS = Path(__file__).resolve().parents[1] / "patches"
+DIFFS = Path(__file__).resolve().parents[2] / "patches"
 SCOPES = ("every server", "DSpark configs only")
 DSPARK_ONLY = {"plain_steps_without_drafts", "drafts_with_output"}
 

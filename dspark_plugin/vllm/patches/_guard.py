@@ -37,6 +37,8 @@ def replace(owner: Any, attr: str, new: Any, patch: str) -> Any:
         raise RuntimeError(f"dspark-plugin: {owner.__name__}.{attr} is already patched by "
                            f"{getattr(old, _MARK)!r}; patch {patch!r} would stack on it")
     setattr(new, _MARK, patch)
+    if not hasattr(new, "__wrapped__"):  # a replacement, not a functools.wraps wrapper: keep the original
+        new.__wrapped__ = old            # reachable, so `source_has` (inspect unwraps) still reads vLLM's code
     setattr(owner, attr, new)
     return old
 
