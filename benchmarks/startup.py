@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -74,11 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:16s} {phase}: {row[f'{phase}_s']:.1f} s", flush=True)
         row["same_output"] = row["cold_text"] == row["warm_text"]
         results.append(row)
-        import shutil
-
         shutil.rmtree(cache, ignore_errors=True)  # hundreds of MB of compiled kernels per configuration
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
-            "cpu_count": __import__("os").cpu_count(), "cpu_flags": cpu_flags(), "target": str(target),
+            "cpu_count": os.cpu_count(), "cpu_flags": cpu_flags(), "target": str(target),
             "drafter": args.drafter, "command": "python benchmarks/startup.py " + " ".join(argv or sys.argv[1:])}
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     lines = ["| configuration | cold start (s) | warm start (s) | warm / cold | same output |", "|---|---|---|---|---|"]
