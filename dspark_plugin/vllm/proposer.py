@@ -45,6 +45,7 @@ from vllm.v1.spec_decode.dflash import DFlashProposer
 from dspark_plugin.decode.draft import DraftBlock, sequential_draft
 from dspark_plugin.policy.draft_gate import DraftGate
 from dspark_plugin.policy.engine_plan import SchedulerSettings, VerifyPlanner, resolve_mode, settings_from_env
+from dspark_plugin.policy.online_step_rate import OnlineStepRate, cache_key, default_path
 from dspark_plugin.policy.step_rate import find_sps_curve
 from dspark_plugin.vllm.deferred_context import DeferredContext, context_slots
 
@@ -68,6 +69,14 @@ class _Transient:
     def __exit__(self, *exc: object) -> None:
         for k, v in self.saved.items():
             object.__setattr__(self.config, k, v)
+
+
+def learned_step_rate(target: str, drafter: str, device: torch.device, dtype: Any) -> OnlineStepRate:
+    """The online curve of this target / drafter / machine / dtype, from the last run if it saved one."""
+    online = OnlineStepRate(path=default_path(), key=cache_key("vllm", target, drafter, device, dtype),
+                            warn=logger.warning)
+    online.load()
+    return online
 
 
 class DSparkProposer(DFlashProposer):
@@ -99,28 +108,35 @@ class DSparkProposer(DFlashProposer):
         spec = vllm_config.speculative_config
         drafter_cfg = spec.draft_model_config.hf_config
         has_conf = bool(getattr(drafter_cfg, "enable_confidence_head", False))
+        model_cfg = vllm_config.model_config
         curve = None
         if settings.mode != "fixed" and has_conf:
-            model_cfg = vllm_config.model_config
             curve = find_sps_curve(str(model_cfg.model), str(spec.draft_model_config.model),
                                    path=settings.sps_path, device=self.device, dtype=model_cfg.dtype,
                                    engine="vllm")
-        mode, why = resolve_mode(settings.mode, curve, has_conf)
+        mode, why = resolve_mode(settings.mode, curve, has_conf, online=settings.online_sps)
         if mode != "fixed" and runner is not None and getattr(runner, "use_async_scheduling", False):
             # The runner's async path copies drafts as one [B, n] tensor; per-request lists break it.
             mode, why = "fixed", "async scheduling needs a fixed [B, n] draft block"
+        online = None
         if mode == "fixed":
             logger.info("dspark-plugin scheduler: fixed (requested %s): verifying the full block%s",
                         settings.mode or "default", f"; {why}" if why else "")
-        else:
-            logger.info("dspark-plugin scheduler: mode %s, SPS curve over B = %d..%d (%s)", mode,
+        elif curve is not None:
+            logger.info("dspark-plugin scheduler: mode %s, profiled SPS curve over B = %d..%d (%s)", mode,
                         curve.batch_sizes[0], curve.batch_sizes[-1], curve.meta.get("key", "no key"))
+        else:
+            online = learned_step_rate(str(model_cfg.model), str(spec.draft_model_config.model), self.device,
+                                       model_cfg.dtype)
+            logger.info("dspark-plugin scheduler: mode %s, SPS curve learned online (%s)", mode,
+                        f"loaded {online.path}: {online.loaded_steps} steps measured before"
+                        if online.loaded_steps else f"new; saved to {online.path}")
         max_tokens = getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None)
         gate = DraftGate() if settings.draft_gate and mode != "fixed" else None
         if mode != "fixed":
             logger.info("dspark-plugin draft gate: %s", "on" if gate else "off (DSPARK_DRAFT_GATE=off)")
         return VerifyPlanner(mode, curve if mode != "fixed" else None, max_batch_tokens=max_tokens,
-                             log=logger.info, log_every=TIMING_EVERY, gate=gate)
+                             log=logger.info, log_every=TIMING_EVERY, gate=gate, online=online)
 
     # -- geometry --------------------------------------------------------------------------
     @property
@@ -259,7 +275,18 @@ class DSparkProposer(DFlashProposer):
         self.last_confidence = None
         batch = common_attn_metadata.batch_size()
         t0 = time.perf_counter()
-        try:  # the gate's bookkeeping must cost speed at worst, never the request
+        try:
+            return self._propose(num_speculative_tokens, target_token_ids, target_positions,
+                                 target_hidden_states, next_token_ids, common_attn_metadata,
+                                 sampling_metadata, num_rejected_tokens_gpu, batch, t0)
+        finally:
+            self.planner.end_step(time.perf_counter())
+
+    def _propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
+                 next_token_ids, common_attn_metadata, sampling_metadata, num_rejected_tokens_gpu,
+                 batch: int, t0: float) -> torch.Tensor | list[list[int]]:
+        try:  # the planner's and gate's bookkeeping must cost speed at worst, never the request
+            self.planner.begin_step(batch, int(target_token_ids.shape[0]), t0)
             # Drafts rejected in the step that just ran (None: nothing verified, or not reported).
             # Only the gate reads it: summing would sync the device every step for nothing.
             rejected = (int(num_rejected_tokens_gpu.sum())

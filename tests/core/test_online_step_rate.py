@@ -1,0 +1,120 @@
+"""The step-rate curve learned from served steps (policy/online_step_rate.py) and the planner using it."""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from dspark_plugin.policy.engine_plan import VerifyPlanner, resolve_mode
+from dspark_plugin.policy.online_step_rate import FILE_VERSION, OnlineStepRate
+
+
+def step_time(tokens: int) -> float:
+    """A made-up engine: flat up to 16 tokens (memory-bound), then linear."""
+    return 0.040 + 0.004 * max(0, tokens - 16)
+
+
+def test_unexplored_load_verifies_nothing_then_explores_the_full_block():
+    online = OnlineStepRate()
+    planner = VerifyPlanner("early_stop", None, online=online)
+    conf = torch.full((1, 7), 0.9)
+    # First drafted step of the bucket: the full block, to measure its cost.
+    assert planner.plan(conf) == [7]
+    online.observe(1, 8, step_time(8))
+    # Only B = 8 measured: below it the prior makes time proportional to B, so verifying less looks
+    # cheap, and the planner verifies nothing (which measures B = 1).
+    assert planner.plan(conf) == [0]
+    online.observe(1, 1, step_time(1))
+    # Flat between B = 1 and 8: with survivals 0.9^j, the full block pays.
+    assert planner.plan(conf) == [7]
+
+
+def test_learned_curve_is_monotone_and_proportional_outside_the_data():
+    online = OnlineStepRate()
+    for _ in range(5):
+        for b in (4, 8, 16, 32):
+            online.observe(4, b, step_time(b) * (1.3 if b == 16 else 1.0))  # a bump the fit smooths
+    curve = online.curve(4)
+    sps = curve.table(1, 64)
+    assert bool((sps[1:] <= sps[:-1] + 1e-12).all())
+    assert math.isclose(1 / curve(64), (1 / curve(32)) * 2, rel_tol=1e-9)   # beyond: proportional
+    assert math.isclose(1 / curve(2), (1 / curve(4)) / 2, rel_tol=1e-9)     # below: proportional
+    assert online.curve(16) is None   # another bucket has measured nothing
+
+
+def test_slow_outliers_and_idle_gaps_are_not_samples():
+    online = OnlineStepRate()
+    for _ in range(5):
+        online.observe(1, 1, 0.040)
+    online.observe(1, 1, 0.5)     # the machine was busy elsewhere: 12x the median
+    online.observe(1, 1, 30.0)    # the engine idled between requests
+    online.observe(1, 0, 0.040)   # nothing processed: not a step
+    assert list(online.buckets[1].times[1]) == [0.040] * 5
+    assert online.observed == 5
+
+
+def test_exploration_depends_on_the_step_count_only():
+    online = OnlineStepRate(explore_every=4, refresh_every=16)
+    picks = [online.explore(2, 7) for _ in range(12)]
+    assert picks == [True, False, False, False, True, False, False, False, True, False, False, False]
+    online.observe(2, 16, 0.05)   # the full block of R = 2 measured: refresh every 16 drafted steps
+    picks = [online.explore(2, 7) for _ in range(16)]
+    assert picks.count(True) == 1
+
+
+def test_saved_curve_restores_and_restarts_warm(tmp_path):
+    path = tmp_path / "online_sps.json"
+    first = OnlineStepRate(path=path, key="k", save_every=10)
+    for i in range(20):
+        first.observe(1, 1 + (i % 8), step_time(1 + (i % 8)))
+    assert path.is_file()
+    second = OnlineStepRate(path=path, key="k")
+    assert second.load() and second.loaded_steps == 20
+    conf = torch.full((1, 7), 0.9)
+    planner = VerifyPlanner("early_stop", None, online=second)
+    assert planner.plan(conf) == [7]   # no exploration of a loaded bucket at once; the curve pays
+    assert second.explorations == 0
+    other = OnlineStepRate(path=path, key="another target")
+    assert not other.load() and not other.buckets
+
+
+def test_corrupt_or_foreign_saved_curve_is_ignored_with_a_warning(tmp_path):
+    path = tmp_path / "online_sps.json"
+    warned: list[str] = []
+    cases = [
+        "{not json",
+        json.dumps({"version": 99, "entries": {}}),
+        json.dumps({"version": FILE_VERSION, "entries": {"k": {"key": "written elsewhere", "buckets": {}}}}),
+        json.dumps({"version": FILE_VERSION, "entries": {"k": {"key": "k", "buckets": {"1": {"1": [-1.0, 3]}}}}}),
+        json.dumps({"version": FILE_VERSION, "entries": {"k": {"key": "k", "buckets": {"1": {"1": "x"}}}}}),
+        json.dumps([1, 2]),
+    ]
+    for text in cases:
+        path.write_text(text)
+        online = OnlineStepRate(path=path, key="k", warn=warned.append)
+        assert not online.load()
+        assert not online.buckets
+    assert len(warned) == len(cases)
+    assert all(str(path) in w and "ignoring the saved curve" in w for w in warned)
+    online.observe(1, 1, 0.04)
+    online.save()   # a damaged file is replaced by a good one
+    assert json.loads(path.read_text())["entries"]["k"]["buckets"]["1"]["1"] == [0.04, 1]
+
+
+def test_planner_measures_the_time_between_proposals():
+    online = OnlineStepRate()
+    planner = VerifyPlanner("early_stop", None, online=online)
+    planner.begin_step(batch=2, step_tokens=2, now=0.0)   # nothing before: no sample
+    planner.end_step(1.0)
+    planner.begin_step(batch=2, step_tokens=2, now=1.05)
+    assert list(online.buckets[2].times[2]) == [1.05 - 1.0]
+    planner.end_step(2.0)
+    planner.begin_step(batch=2, step_tokens=40, now=2.05)  # a prefill shared the pass: not measured
+    assert 40 not in online.buckets[2].times
+
+
+def test_online_planning_is_the_default_without_a_curve():
+    assert resolve_mode(None, None, True, online=True) == ("early_stop", None)
+    mode, why = resolve_mode(None, None, True, online=False)
+    assert mode == "fixed" and "DSPARK_ONLINE_SPS=off" in why
