@@ -265,6 +265,24 @@ def _cells(exact) -> tuple[list[tuple[int, ...]], list[float]]:
 
 # --------------------------------------------------------------------------- tests
 
+def verified_drafts(runs: dict, name: str) -> tuple[float, float, float]:
+    """(verifying request-steps, draft tokens verified, accepted) of one engine, printed."""
+    m = runs[f"{name}_metrics"]
+    drafts, tokens = m.get("vllm:spec_decode_num_drafts", 0), m.get("vllm:spec_decode_num_draft_tokens", 0)
+    accepted = m.get("vllm:spec_decode_num_accepted_tokens", 0)
+    print(f"\n{name}: {tokens:.0f} draft tokens verified in {drafts:.0f} verifying request-steps, {accepted:.0f} accepted")
+    return drafts, tokens, accepted
+
+
+def exact_and_plain_p(runs: dict, name: str, exact) -> tuple[float, float]:
+    """One engine's temperature-1 samples: p against the exact target, and against the plain engine."""
+    cells, probs = _cells(exact)
+    p = one_sample_p(counts(runs[name]["t1"], cells), probs)
+    p_two = two_sample_p(counts(runs[name]["t1"], cells), counts(runs["plain"]["t1"], cells))
+    print(f"{name} dspark vs exact target: p = {p:.4f}; vs plain engine: p = {p_two:.4f}")
+    return p, p_two
+
+
 def test_every_request_was_speculated_and_some_drafts_accepted(runs):
     m = runs["spec_metrics"]
     drafts, accepted = m.get("vllm:spec_decode_num_drafts", 0), m.get("vllm:spec_decode_num_accepted_tokens", 0)
@@ -300,39 +318,25 @@ def test_scheduled_dspark_samples_match_exact_target_distribution(runs, exact):
     """Scheduler + draft gate: some requests verify a prefix, some steps verify no drafts at all
     (vLLM's non-speculative path), and the drafter resumes after them; the output distribution
     must still be the target's."""
-    m = runs["sched_metrics"]
-    drafts, tokens = m.get("vllm:spec_decode_num_drafts", 0), m.get("vllm:spec_decode_num_draft_tokens", 0)
-    accepted = m.get("vllm:spec_decode_num_accepted_tokens", 0)
-    print(f"\nscheduled: {tokens:.0f} draft tokens verified in {drafts:.0f} verifying request-steps, "
-          f"{accepted:.0f} accepted")
+    drafts, tokens, accepted = verified_drafts(runs, "sched")
     assert "dspark-plugin scheduler: mode early_stop" in runs["log"]
     assert "dspark-plugin draft gate: first step without a draft" in runs["log"]
     assert "first decode step with no drafts scheduled ran vLLM's non-speculative path" in runs["log"]
     # Drafts were verified, accepted and rejected, and not always the full block.
     assert drafts > 0 and 0 < accepted < tokens < NUM_SPEC * drafts
     assert all(len(s) == MAX_TOKENS for s in runs["sched"]["t1"])
-    cells, probs = _cells(exact)
-    p = one_sample_p(counts(runs["sched"]["t1"], cells), probs)
-    p_two = two_sample_p(counts(runs["sched"]["t1"], cells), counts(runs["plain"]["t1"], cells))
-    print(f"scheduled dspark vs exact target: p = {p:.4f}; vs plain engine: p = {p_two:.4f}")
+    p, p_two = exact_and_plain_p(runs, "sched", exact)
     assert p > ALPHA and p_two > ALPHA
 
 
 def test_online_planned_dspark_samples_match_exact_target_distribution(runs, exact):
     """The defaults with no curve: the step rate learned from the served steps (full-block
     explorations, then planned prefixes, the draft gate); the output distribution is the target's."""
-    m = runs["online_metrics"]
-    drafts, tokens = m.get("vllm:spec_decode_num_drafts", 0), m.get("vllm:spec_decode_num_draft_tokens", 0)
-    accepted = m.get("vllm:spec_decode_num_accepted_tokens", 0)
-    print(f"\nlearned curve: {tokens:.0f} draft tokens verified in {drafts:.0f} verifying request-steps, "
-          f"{accepted:.0f} accepted")
+    drafts, tokens, accepted = verified_drafts(runs, "online")
     assert "SPS curve learned online (new; saved to" in runs["log"]
     assert drafts > 0 and 0 < accepted < tokens
     assert all(len(s) == MAX_TOKENS for s in runs["online"]["t1"])
-    cells, probs = _cells(exact)
-    p = one_sample_p(counts(runs["online"]["t1"], cells), probs)
-    p_two = two_sample_p(counts(runs["online"]["t1"], cells), counts(runs["plain"]["t1"], cells))
-    print(f"learned-curve dspark vs exact target: p = {p:.4f}; vs plain engine: p = {p_two:.4f}")
+    p, p_two = exact_and_plain_p(runs, "online", exact)
     assert p > ALPHA and p_two > ALPHA
 
 
