@@ -21,7 +21,9 @@ from typing import Any
 from dspark_plugin.errors import DSparkError
 
 # Kinds: "choice" (one of `choices`, case-insensitive), "on_off" ("on" / "off" -> bool),
-# "flag" ("0" / "1" -> bool), "path" (any path), "file" (an existing file), "names" (comma list).
+# "flag" ("0" / "1" -> bool), "path" (any path), "file" (an existing file), "names" (comma list),
+# "faults" (comma list of KIND:FRACTION -> ((kind, fraction), ...), fractions summing to at most 1).
+FAULT_KINDS = ("raise", "nan", "out_of_range", "stall")
 
 
 class DSparkEnvError(DSparkError):
@@ -42,7 +44,8 @@ class EnvVar:
     @property
     def type_text(self) -> str:
         return {"choice": " \\| ".join(self.choices), "on_off": "on \\| off", "flag": "0 \\| 1",
-                "path": "directory", "file": "file", "names": "comma-separated names"}[self.kind]
+                "path": "directory", "file": "file", "names": "comma-separated names",
+                "faults": "KIND:FRACTION,..."}[self.kind]
 
 
 _VARS: tuple[EnvVar, ...] = (
@@ -57,6 +60,9 @@ _VARS: tuple[EnvVar, ...] = (
     EnvVar("DSPARK_ONLINE_SPS", "on_off", True,
            "with no profiled SPS curve, learn it from the served steps (saved in the cache dir for the next "
            "start); `off`: the full block every step"),
+    EnvVar("DSPARK_PLAN_SEEDED", "on_off", False,
+           "plan the verify length of seeded sampled requests too (faster; their output then depends on the "
+           "batch and on timing, not only on the seed); `off`: they verify the full block and every step drafts"),
     EnvVar("DSPARK_DRAFT_GATE", "on_off", True,
            "with the scheduler on, skip a step's draft where drafting has been earning fewer tokens/s than not"),
     EnvVar("DSPARK_DEFER_CONTEXT", "on_off", True,
@@ -78,6 +84,10 @@ _VARS: tuple[EnvVar, ...] = (
     EnvVar("DSPARK_DISABLE_PATCHES", "names", frozenset(),
            "vLLM patches (file names in `dspark_plugin/vllm/patches/`) not to install",
            default_text="none"),
+    EnvVar("DSPARK_FAULT_INJECTION", "faults", (),
+           "tests only: make the vLLM proposer fail on purpose on a fraction of draft steps; kinds "
+           "`raise`, `nan`, `out_of_range` (token ids past the vocabulary), `stall` (0.2 s), e.g. `raise:0.1,nan:0.1`",
+           default_text="none"),
     EnvVar("DSPARK_VLLM_LAUNCHER_REEXEC", "flag", False,
            "set by `dspark-vllm` on its one re-execution with `LD_PRELOAD`", internal=True),
 )
@@ -87,6 +97,7 @@ SCHEDULER = "DSPARK_SCHEDULER"
 SPS = "DSPARK_SPS"
 DRAFT_GATE = "DSPARK_DRAFT_GATE"
 ONLINE_SPS = "DSPARK_ONLINE_SPS"
+PLAN_SEEDED = "DSPARK_PLAN_SEEDED"
 DEFER_CONTEXT = "DSPARK_DEFER_CONTEXT"
 CACHE_DIR = "DSPARK_CACHE_DIR"
 BLOCK_LOOP = "DSPARK_BLOCK_LOOP"
@@ -96,6 +107,7 @@ KERNELS_POISON = "DSPARK_KERNELS_POISON"
 KERNELS_TWO_LAUNCH = "DSPARK_KERNELS_TWO_LAUNCH"
 DISABLE_PATCHES = "DSPARK_DISABLE_PATCHES"
 VLLM_LAUNCHER_REEXEC = "DSPARK_VLLM_LAUNCHER_REEXEC"
+FAULT_INJECTION = "DSPARK_FAULT_INJECTION"
 
 
 def _error(var: EnvVar, raw: str, why: str) -> DSparkEnvError:
@@ -122,6 +134,21 @@ def _parse(name: str, raw: str) -> Any:
         return raw == "1"
     if var.kind == "names":
         return frozenset(n.strip() for n in raw.split(",") if n.strip())
+    if var.kind == "faults":
+        faults = []
+        for item in (i.strip() for i in raw.split(",") if i.strip()):
+            kind, _, fraction = item.partition(":")
+            try:
+                value = float(fraction)
+            except ValueError:
+                value = -1.0
+            if kind not in FAULT_KINDS or not 0 < value <= 1:
+                raise _error(var, raw, f"has {item!r}: expected KIND:FRACTION with KIND one of "
+                                       f"{', '.join(FAULT_KINDS)} and 0 < FRACTION <= 1")
+            faults.append((kind, value))
+        if sum(f for _, f in faults) > 1 + 1e-9:
+            raise _error(var, raw, "has fractions summing to more than 1")
+        return tuple(faults)
     return raw  # path / file: checked by read (a file may appear later)
 
 

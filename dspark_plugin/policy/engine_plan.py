@@ -51,6 +51,7 @@ class SchedulerSettings:
     draft_gate: bool = True
     defer_context: bool = True  # a skipped step's context K/V waits for the next draft
     online_sps: bool = True     # no profiled curve: learn it from the served steps
+    plan_seeded: bool = False   # seeded sampled requests planned too (else: the full block, always drafted)
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> SchedulerSettings:
@@ -58,7 +59,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> SchedulerSettings
     is one error naming the variable (declared and parsed in `dspark_plugin.envs`)."""
     return SchedulerSettings(envs.read(envs.SCHEDULER, env), envs.read(envs.SPS, env),
                              envs.read(envs.DRAFT_GATE, env), envs.read(envs.DEFER_CONTEXT, env),
-                             envs.read(envs.ONLINE_SPS, env))
+                             envs.read(envs.ONLINE_SPS, env), envs.read(envs.PLAN_SEEDED, env))
 
 
 def resolve_mode(requested: str | None, curve: SPSCurve | None, has_confidence: bool,
@@ -147,6 +148,12 @@ class VerifyPlanner:
         accepted = None if rejected is None else max(0, self._verified_last - int(rejected))
         return self.gate.decide(batch, now, accepted, step_tokens)
 
+    def draft_unmeasured(self) -> None:
+        """This step drafts whatever the gate would say (a seeded request is in the batch); the
+        gate measures neither it nor the step before it."""
+        if self.gate is not None:
+            self.gate.reset()
+
     def skip(self, batch: int, gamma: int) -> None:
         """A step that verifies no drafts (gate closed, or the draft failed)."""
         if self.gate is not None:
@@ -156,8 +163,9 @@ class VerifyPlanner:
                 self._log(f"dspark-plugin draft gate: first step without a draft (batch of {batch})")
         self.record([0] * batch, gamma)
 
-    def plan(self, confidence: torch.Tensor) -> list[int]:
-        """Verify length per request (0..gamma) from this block's confidences c [R, gamma]."""
+    def plan(self, confidence: torch.Tensor, full_rows: list[bool] | None = None) -> list[int]:
+        """Verify length per request (0..gamma) from this block's confidences c [R, gamma].
+        full_rows: requests that verify the full block whatever the plan (seeded sampled ones)."""
         R, g = confidence.shape
         curve = self.curve if self.online is None else self.online.curve(R)
         if self.mode == "fixed":
@@ -177,6 +185,8 @@ class VerifyPlanner:
             else:
                 lengths = schedule_verify_lengths(survival, sps, "early_stop",
                                                   max_batch_tokens=self.max_batch_tokens).tolist()
+            if full_rows is not None:
+                lengths = [g if full else length for full, length in zip(full_rows, lengths)]
             if self.gate is not None:  # expected tokens: one per request + the verified survivals
                 keep = torch.arange(g)[None, :] < torch.tensor(lengths)[:, None]
                 self.gate.emitted(R + float(survival[keep].sum()), verified=sum(lengths))

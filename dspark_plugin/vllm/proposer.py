@@ -48,6 +48,7 @@ from dspark_plugin.policy.engine_plan import SchedulerSettings, VerifyPlanner, r
 from dspark_plugin.policy.online_step_rate import OnlineStepRate, cache_key, default_path
 from dspark_plugin.policy.step_rate import find_sps_curve
 from dspark_plugin.vllm.deferred_context import DeferredContext, context_slots
+from dspark_plugin.vllm.fault_injection import FaultInjector
 
 # Under the "vllm." namespace: vLLM configures handlers for its own loggers only, so INFO lines of
 # any other logger (the scheduler mode at start-up, the periodic statistics) would be dropped.
@@ -95,10 +96,17 @@ class DSparkProposer(DFlashProposer):
         self.last_confidence: torch.Tensor | None = None   # [B, gamma] c_k of the last step
         self.last_req_ids: list[str] | None = None
         self.num_failed_steps = 0
+        self._failure_kinds: set[str] = set()
         self.num_failed_plans = 0
         self._timing = {"steps": 0, "backbone_s": 0.0, "head_s": 0.0}
         self._last_draft_s = 0.0
         settings = settings_from_env()  # read once, at start-up: a bad setting refuses to start
+        self.plan_seeded = settings.plan_seeded
+        self.vocab_size = int(vllm_config.model_config.get_vocab_size())
+        self.faults = FaultInjector.from_env()  # tests only (DSPARK_FAULT_INJECTION)
+        if self.faults is not None:
+            logger.warning("dspark-plugin: DSPARK_FAULT_INJECTION=%s: drafter faults injected on purpose",
+                           ",".join(f"{k}:{f}" for k, f in self.faults.faults))
         self.planner = self._make_planner(vllm_config, runner, settings)
         # Context of skipped steps, written before the next draft (DSPARK_DEFER_CONTEXT=off: at once).
         self.deferred = DeferredContext() if settings.defer_context else None
@@ -250,7 +258,10 @@ class DSparkProposer(DFlashProposer):
     def _no_draft(self, batch: int, why: str) -> torch.Tensor:
         self.planner.skip(batch, self.num_drafts)
         self.num_failed_steps += 1
-        if self.num_failed_steps == 1 or self.num_failed_steps % 100 == 0:  # not once per step
+        kind = why.split(":", 1)[0]
+        # The first step of each kind of failure, then every 100th: not a line per step.
+        if kind not in self._failure_kinds or self.num_failed_steps % 100 == 0:
+            self._failure_kinds.add(kind)
             logger.warning("dspark-plugin: no speculation this step (%s); %d such steps so far",
                            why, self.num_failed_steps)
         self._last_draft_probs = None
@@ -285,14 +296,25 @@ class DSparkProposer(DFlashProposer):
     def _propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
                  next_token_ids, common_attn_metadata, sampling_metadata, num_rejected_tokens_gpu,
                  batch: int, t0: float) -> torch.Tensor | list[list[int]]:
+        generators = self._row_generators(sampling_metadata, batch)
+        # Seeded sampled requests verify the full block every step and every step drafts while one is
+        # in the batch: how far a request's drafts are verified decides how much of its random stream
+        # the rejection sampler uses, so a planned length (which depends on the other requests and on
+        # measured timings) would make its output depend on more than its seed.
+        pinned = ([g is not None for g in generators]
+                  if generators is not None and not self.plan_seeded else None)
         try:  # the planner's and gate's bookkeeping must cost speed at worst, never the request
             self.planner.begin_step(batch, int(target_token_ids.shape[0]), t0)
             # Drafts rejected in the step that just ran (None: nothing verified, or not reported).
             # Only the gate reads it: summing would sync the device every step for nothing.
             rejected = (int(num_rejected_tokens_gpu.sum())
                         if self.planner.gate is not None and num_rejected_tokens_gpu is not None else None)
-            draft = num_speculative_tokens > 0 and self.planner.should_draft(
-                batch, t0, rejected, step_tokens=int(target_token_ids.shape[0]))
+            if pinned is not None and num_speculative_tokens > 0:
+                draft = True
+                self.planner.draft_unmeasured()
+            else:
+                draft = num_speculative_tokens > 0 and self.planner.should_draft(
+                    batch, t0, rejected, step_tokens=int(target_token_ids.shape[0]))
         except Exception:  # noqa: BLE001
             logger.exception("dspark-plugin: draft gate failed; drafting this step")
             draft = num_speculative_tokens > 0
@@ -303,15 +325,17 @@ class DSparkProposer(DFlashProposer):
                 if num_speculative_tokens > 0:
                     self.planner.skip(batch, self.num_drafts)
                 return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
+            fault = self.faults.draw() if self.faults is not None else None
             self._write_deferred()
             inputs = self._context(target_token_ids, target_positions, target_hidden_states,
                                    next_token_ids, common_attn_metadata, num_rejected_tokens_gpu)
-            h = self._block_forward(*inputs)
+            FaultInjector.before_draft(fault)
+            h = FaultInjector.on_backbone(fault, self._block_forward(*inputs))
             t1 = time.perf_counter()
             block: DraftBlock = sequential_draft(
                 self.model.head_view(), h, next_token_ids[:batch].long(),
                 temperature=self._temperatures(sampling_metadata, batch),
-                generator=self._row_generators(sampling_metadata, batch),
+                generator=generators,
             )
             self._record_timing(t1 - t0, time.perf_counter() - t1)
         except Exception as e:  # noqa: BLE001 - any drafter failure must cost speed, not output
@@ -321,15 +345,20 @@ class DSparkProposer(DFlashProposer):
         if not bool(block.ok.all()):
             return self._no_draft(batch, "non-finite draft logits or confidences")
         n = min(num_speculative_tokens, block.tokens.shape[1])
+        tokens = FaultInjector.on_tokens(fault, block.tokens[:, :n], self.vocab_size).contiguous()
+        # A token id outside the target's vocabulary (a wrong d2t map, say) would fail vLLM's
+        # rejection sampler and with it the whole batch.
+        if bool(((tokens < 0) | (tokens >= self.vocab_size)).any()):
+            return self._no_draft(batch, f"draft token ids outside the target's vocabulary of {self.vocab_size}")
         if block.probs is not None:
             self._last_draft_probs = block.probs[:, :n].contiguous()
         self.last_confidence = block.confidence
         if self._runner is not None:
             self.last_req_ids = list(self._runner.input_batch.req_ids[:batch])
-        tokens = block.tokens[:, :n].contiguous()
-        return self._verify_prefixes(tokens, block.confidence)
+        return self._verify_prefixes(tokens, block.confidence, pinned)
 
-    def _verify_prefixes(self, tokens: torch.Tensor, confidence: torch.Tensor | None) -> torch.Tensor | list[list[int]]:
+    def _verify_prefixes(self, tokens: torch.Tensor, confidence: torch.Tensor | None,
+                         pinned: list[bool] | None = None) -> torch.Tensor | list[list[int]]:
         """The drafts vLLM verifies: the [B, n] block (fixed) or each request's scheduled prefix."""
         planner = self.planner
         n = tokens.shape[1]
@@ -337,7 +366,7 @@ class DSparkProposer(DFlashProposer):
             planner.record([n] * tokens.shape[0], n)
             return tokens
         try:
-            lengths = planner.plan(confidence[:, :n])
+            lengths = planner.plan(confidence[:, :n], full_rows=pinned)
         except Exception:  # noqa: BLE001 - a scheduler bug must cost speed, not the request
             self.num_failed_plans += 1
             if self.num_failed_plans == 1 or self.num_failed_plans % 100 == 0:  # not once per step

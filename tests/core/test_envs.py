@@ -32,6 +32,8 @@ def test_only_envs_reads_the_environment_for_a_switch():
     ("DSPARK_DRAFT_GATE", "OFF", False), ("DSPARK_DEFER_CONTEXT", None, True),
     ("DSPARK_BLOCK_LOOP", None, "auto"), ("DSPARK_FORCE_TRITON", "1", True), ("DSPARK_FORCE_TRITON", "0", False),
     ("DSPARK_DISABLE_PATCHES", "a, b,", frozenset({"a", "b"})), ("DSPARK_CACHE_DIR", "/x", "/x"),
+    ("DSPARK_ONLINE_SPS", None, True), ("DSPARK_FAULT_INJECTION", None, ()),
+    ("DSPARK_FAULT_INJECTION", "raise:0.1, stall:0.9", (("raise", 0.1), ("stall", 0.9))),
 ])
 def test_values_parse(name, raw, value):
     assert envs.read(name, {} if raw is None else {name: raw}) == value
@@ -39,7 +41,9 @@ def test_values_parse(name, raw, value):
 
 @pytest.mark.parametrize("name,raw", [
     ("DSPARK_SCHEDULER", "on"), ("DSPARK_DRAFT_GATE", "maybe"), ("DSPARK_BLOCK_LOOP", "sometimes"),
-    ("DSPARK_DISABLE_TRITON", "yes"), ("DSPARK_SPS", "/no/such/sps.json"),
+    ("DSPARK_DISABLE_TRITON", "yes"), ("DSPARK_SPS", "/no/such/sps.json"), ("DSPARK_ONLINE_SPS", "1"),
+    ("DSPARK_FAULT_INJECTION", "explode:0.1"), ("DSPARK_FAULT_INJECTION", "nan:2"),
+    ("DSPARK_FAULT_INJECTION", "nan:0.6,raise:0.6"), ("DSPARK_FAULT_INJECTION", "nan"),
 ])
 def test_a_bad_value_is_one_error_naming_the_variable(name, raw):
     with pytest.raises(envs.DSparkEnvError, match=f"environment variable {name}: "):

@@ -118,3 +118,17 @@ def test_online_planning_is_the_default_without_a_curve():
     assert resolve_mode(None, None, True, online=True) == ("early_stop", None)
     mode, why = resolve_mode(None, None, True, online=False)
     assert mode == "fixed" and "DSPARK_ONLINE_SPS=off" in why
+
+
+def test_seeded_rows_verify_the_full_block_whatever_the_plan():
+    """plan(full_rows=...): the proposer pins seeded sampled requests to the full block, so how much of
+    their random stream verification uses does not depend on the batch or on timings."""
+    online = OnlineStepRate()
+    for b in (2, 16):
+        for _ in range(3):
+            online.observe(2, b, 0.04 * b)   # a steep curve: the plan verifies nothing
+    online.explore(2, 7)                     # the bucket's first drafted step explored already
+    planner = VerifyPlanner("early_stop", None, online=online)
+    conf = torch.full((2, 7), 0.6)
+    assert planner.plan(conf) == [0, 0]
+    assert planner.plan(conf, full_rows=[False, True]) == [0, 7]

@@ -335,6 +335,27 @@ def test_non_finite_drafts_fall_back_to_plain_decoding(target, drafter_and_promp
     assert "no speculation this step (non-finite draft" in result["log"]
 
 
+@pytest.mark.parametrize("faults", ["raise:0.1,nan:0.1,out_of_range:0.1,stall:0.1",
+                                    "raise:0.25,nan:0.25,out_of_range:0.25,stall:0.25"], ids=["40pct", "every-step"])
+def test_drafter_faults_mid_run_fall_back_to_plain_decoding(target, drafter_and_prompts, plain_outputs, tmp_path,
+                                                            faults):
+    """DSPARK_FAULT_INJECTION (vllm/fault_injection.py): a draft step that raises, is NaN or proposes
+    token ids past the vocabulary decodes that step without drafts; a stalled one only costs time.
+    10% of draft steps per kind, then every draft step faulty: every request finishes with the plain
+    engine's output, and the log names each kind of fallback once (plus every 100th)."""
+    drafter, prompts = drafter_and_prompts
+    # The full block every step (no draft gate): every step drafts, so every kind is drawn many times.
+    result = run_script(OFFLINE, "faults", target, drafter, prompts[:8], tmp_path, DSPARK_FAULT_INJECTION=faults,
+                        DSPARK_SCHEDULER="fixed")
+    assert result["outputs"] == plain_outputs[:8]
+    log = result["log"]
+    assert "drafter faults injected on purpose" in log
+    for why in ("no speculation this step (InjectedFault: dspark-plugin fault injection: the draft step raised)",
+                "no speculation this step (non-finite draft logits or confidences)",
+                "no speculation this step (draft token ids outside the target's vocabulary of"):
+        assert why in log, why
+
+
 # Two steps of three skip the draft (a fixed pattern in place of the timing-driven gate, so two runs
 # take the same steps); the worker runs in this process (uni executor) so the pattern and the
 # recorders below reach it. Records every drafted block, the deferred writes and the engine's

@@ -138,7 +138,9 @@ def worker(config_file: str, out_file: str) -> None:
     # The same drafter with the confidence scheduler and draft gate on: per-request verify lengths,
     # whole steps without drafts (vLLM's non-speculative path, patch plain_steps_without_drafts)
     # between drafted ones. Seeds 2N + N_WRONG.. : independent of both samples above.
-    os.environ.update(DSPARK_SCHEDULER="early_stop", DSPARK_SPS=cfg["sps"])
+    # Every request here is seeded (a reproducible test): DSPARK_PLAN_SEEDED=on plans their verify
+    # lengths like any other request's (off, the default, verifies the full block for them).
+    os.environ.update(DSPARK_SCHEDULER="early_stop", DSPARK_SPS=cfg["sps"], DSPARK_PLAN_SEEDED="on")
     _dspark_run(LLM, cfg, engine_args, "sched", 2 * cfg["n"] + cfg["n_wrong"], result)
     # The defaults: no curve anywhere (a fresh cache directory), so the planner learns the step rate
     # from the steps it serves, exploring the full block now and then. Seeds 3N + N_WRONG.. .
