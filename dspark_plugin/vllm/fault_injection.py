@@ -1,9 +1,10 @@
 """Drafter faults on purpose, for tests of what a serving process does when its drafter misbehaves
 mid-run (issue #21): `DSPARK_FAULT_INJECTION=raise:0.1,nan:0.1,out_of_range:0.1,stall:0.1`.
 
-Off unless that variable is set (a server logs a warning when it is). On each draft step at most one
-fault is drawn, with the given probabilities, from a generator seeded once, so a run is
-reproducible:
+Off unless that variable is set (a server logs a warning when it is). Each draft step gets at most
+one fault, spread evenly and deterministically (every kind accumulates its fraction per step and
+fires when it reaches 1, starting with the first steps), so each kind occurs in exactly its share of
+draft steps, already in a short run, and at fractions summing to 1 every draft step fails:
 - `raise`: the draft step raises (as a drafter bug would);
 - `nan`: the backbone's output is NaN (as an overflow would), caught by the sequential head's
   finiteness check;
@@ -15,7 +16,6 @@ unchanged); a stall only costs time, which the draft gate sees.
 """
 from __future__ import annotations
 
-import random
 import time
 
 import torch
@@ -30,9 +30,9 @@ class InjectedFault(RuntimeError):
 
 
 class FaultInjector:
-    def __init__(self, faults: tuple[tuple[str, float], ...], seed: int = 0):
+    def __init__(self, faults: tuple[tuple[str, float], ...]):
         self.faults = faults
-        self._rng = random.Random(seed)
+        self._due = [1.0 - fraction for _, fraction in faults]  # every kind fires on the first steps
         self.counts = {kind: 0 for kind, _ in faults}
 
     @classmethod
@@ -42,13 +42,15 @@ class FaultInjector:
 
     def draw(self) -> str | None:
         """This draft step's fault, or None."""
-        u, acc = self._rng.random(), 0.0
-        for kind, fraction in self.faults:
-            acc += fraction
-            if u < acc:
-                self.counts[kind] += 1
-                return kind
-        return None
+        for i, (_, fraction) in enumerate(self.faults):
+            self._due[i] += fraction
+        i = max(range(len(self.faults)), key=self._due.__getitem__)
+        if self._due[i] < 1.0 - 1e-9:
+            return None
+        self._due[i] -= 1.0
+        kind = self.faults[i][0]
+        self.counts[kind] += 1
+        return kind
 
     @staticmethod
     def before_draft(kind: str | None) -> None:

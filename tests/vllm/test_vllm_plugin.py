@@ -188,3 +188,14 @@ def test_bad_drafter_is_refused_with_file_and_key(with_plugin, damage):
     assert not out["ok"]
     for needle in DAMAGES[damage]:
         assert needle in out["error"], out["error"]
+
+
+def test_fault_injection_spreads_each_kind_evenly_from_the_first_steps():
+    from dspark_plugin.vllm.fault_injection import FaultInjector
+
+    some = FaultInjector((("raise", 0.1), ("nan", 0.1), ("out_of_range", 0.1), ("stall", 0.1)))
+    drawn = [some.draw() for _ in range(40)]
+    assert set(drawn[:4]) == {"raise", "nan", "out_of_range", "stall"}
+    assert some.counts == {"raise": 4, "nan": 4, "out_of_range": 4, "stall": 4}
+    every = FaultInjector((("raise", 0.5), ("nan", 0.5)))
+    assert None not in [every.draw() for _ in range(10)]
