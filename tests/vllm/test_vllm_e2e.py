@@ -345,9 +345,9 @@ def test_drafter_faults_mid_run_fall_back_to_plain_decoding(target, drafter_and_
     engine's output, and the log names each kind of fallback once (plus every 100th)."""
     drafter, prompts = drafter_and_prompts
     # The full block every step (no draft gate): every step drafts, so every kind is drawn many times.
-    result = run_script(OFFLINE, "faults", target, drafter, prompts[:8], tmp_path, DSPARK_FAULT_INJECTION=faults,
+    result = run_script(OFFLINE, "faults", target, drafter, prompts[:4], tmp_path, DSPARK_FAULT_INJECTION=faults,
                         DSPARK_SCHEDULER="fixed")
-    assert result["outputs"] == plain_outputs[:8]
+    assert result["outputs"] == plain_outputs[:4]
     log = result["log"]
     assert "drafter faults injected on purpose" in log
     for why in ("no speculation this step (InjectedFault: dspark-plugin fault injection: the draft step raised)",
