@@ -38,9 +38,9 @@ from typing import Callable
 
 import torch
 
-from dspark_plugin import envs
 from dspark_plugin.policy.draft_gate import bucket
-from dspark_plugin.policy.step_rate import SPSCurve, isotonic_non_increasing, target_fingerprint
+from dspark_plugin.policy.step_rate import (SPSCurve, default_cache_path, device_tag, isotonic_non_increasing,
+                                            target_fingerprint)
 
 FILE_VERSION = 1
 FILE_NAME = "online_sps.json"
@@ -48,8 +48,8 @@ OUTLIER = 3.0  # a step slower than this many times its B's median is a wait, no
 
 
 def default_path() -> Path:
-    root = envs.read(envs.CACHE_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "dspark")
-    return Path(root) / FILE_NAME
+    """Beside the profiled curves' cache (`DSPARK_CACHE_DIR`, default ~/.cache/dspark)."""
+    return default_cache_path().with_name(FILE_NAME)
 
 
 def machine_tag(device: str | torch.device) -> str:
@@ -57,8 +57,7 @@ def machine_tag(device: str | torch.device) -> str:
     on CPU (vLLM's CPU worker binds one thread per usable core), the device name on CUDA."""
     device = torch.device(device)
     if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{torch.cuda.get_device_name(idx)}"
+        return device_tag(device)
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
