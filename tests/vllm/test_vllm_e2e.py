@@ -382,9 +382,9 @@ def main():
     verify, take, round_trip = (DSparkProposer._verify_prefixes, DeferredContext.take,
                                 UniProcExecutor.take_draft_token_ids)
 
-    def recorded_verify(self, tokens, confidence):
+    def recorded_verify(self, tokens, *args, **kwargs):
         seen["blocks"].append(tokens.tolist())
-        return verify(self, tokens, confidence)
+        return verify(self, tokens, *args, **kwargs)
 
     def recorded_take(self):
         kept = take(self)
