@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=7)
     p.add_argument("--markov-rank", type=int, default=64)
     p.add_argument("--no-confidence", action="store_true", help="train without the confidence head")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="train inside a pruned draft vocabulary of the N tokens most frequent in the data's "
+                        "responses (d2t checkpoint; several times faster per step on a CPU)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--epochs", type=float, default=None, help="passes over the sequences (default 1)")
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         cache=args.cache, no_cache=args.no_cache, cache_only=args.cache_only,
         extend_cache=not args.no_extend_cache, save_every=args.save_every, stop_after=args.stop_after,
         save_dtype=args.save_dtype, mask_token_id=args.mask_token_id, threads=args.threads,
-        progress=not args.no_progress, init=args.init,
+        progress=not args.no_progress, init=args.init, draft_vocab=args.draft_vocab,
     )
     out = train(opts)
     print(f"wrote {out}")

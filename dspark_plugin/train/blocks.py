@@ -29,6 +29,7 @@ class BlockBatch:
     prev: torch.Tensor        # [B, A, g] x_{p+k-1}: teacher-forced input of the sequential head
     valid: torch.Tensor       # [B, A, g] bool: contiguous valid prefix of each block
     final: torch.Tensor       # [B, A, g, d] target final hidden at p+k-1 (gives p_t of x_{p+k})
+    final_logz: torch.Tensor | None = None   # [B, A, g] log-partition of the target logits there
 
     @property
     def num_anchors(self) -> int:
@@ -59,7 +60,7 @@ def sample_anchors(seq: Sequence, count: int, generator: torch.Generator) -> tup
 
 def build_batch(
     seqs: list[Sequence],
-    feats: list[tuple[torch.Tensor, torch.Tensor]],
+    feats: list[tuple[torch.Tensor, ...]],
     anchors_per_seq: int,
     block_size: int,
     mask_token_id: int,
@@ -74,12 +75,17 @@ def build_batch(
     lengths = torch.tensor([len(s.ids) for s in seqs])
     taps = torch.zeros(b, width, md)
     final = torch.zeros(b, width + n, d)
+    # (taps, final) or (taps, final, logz); logz lets a pruned-vocabulary trainer skip the full head.
+    with_logz = all(len(f) > 2 and f[2] is not None for f in feats)
+    logz = torch.zeros(b, width + n) if with_logz else None
     anchors = torch.empty(b, a, dtype=torch.long)
     used = torch.empty(b, a, dtype=torch.bool)
-    for r, (s, (t, f)) in enumerate(zip(seqs, feats)):
+    for r, (s, feat) in enumerate(zip(seqs, feats)):
         ids[r, : len(s.ids)] = torch.tensor(s.ids)
-        taps[r, : len(s.ids)] = t.float()
-        final[r, : len(s.ids)] = f.float()
+        taps[r, : len(s.ids)] = feat[0].float()
+        final[r, : len(s.ids)] = feat[1].float()
+        if logz is not None:
+            logz[r, : len(s.ids)] = feat[2].float()
         anchors[r], used[r] = sample_anchors(s, a, generator)
 
     pos = anchors[:, :, None] + torch.arange(g)                     # [B, A, g] p + j: draft j is x_{p+j+1}
@@ -87,6 +93,7 @@ def build_batch(
     prev = torch.gather(ids, 1, pos.view(b, -1)).view(b, a, g)
     valid = (pos + 1 < lengths[:, None, None]) & used[:, :, None]
     fin = torch.gather(final, 1, pos.view(b, -1, 1).expand(-1, -1, d)).view(b, a, g, d)
+    fin_logz = None if logz is None else torch.gather(logz, 1, pos.view(b, -1)).view(b, a, g)
 
     q_tokens = torch.full((b, a, n), mask_token_id, dtype=torch.long)
     q_tokens[:, :, 0] = prev[:, :, 0]  # the anchor token x_p
@@ -97,4 +104,5 @@ def build_batch(
     blk_mask = (block_id[:, None] == block_id[None, :]).expand(b, -1, -1)          # [B, A*n, A*n]
     mask = torch.cat([ctx_mask, blk_mask], dim=-1)[:, None]
     return BlockBatch(taps=taps, ctx_pos=ctx_pos, q_tokens=q_tokens.view(b, a * n), q_pos=slot_pos.view(b, a * n),
-                      mask=mask, labels=labels, prev=prev, valid=valid, final=fin)
+                      mask=mask, labels=labels, prev=prev, valid=valid, final=fin,
+                      final_logz=fin_logz)

@@ -1,9 +1,13 @@
 """On-disk activation cache: one target pass, reused by every drafter trained on the same data.
 
 Per sequence (keyed by its JSONL line) it stores the tapped hidden states `taps.{line}`
-[T, m*d] and the target's final normed hidden state `final.{line}` [T, d], both fp16 safetensors;
-target logits are recomputed from `final` with the (frozen) LM head, which costs far less disk
-than storing [T, V] distributions. Shards are written to a temporary name and renamed, so an
+[T, m*d] and the target's final normed hidden state `final.{line}` [T, d], both fp16 safetensors,
+and `logz.{line}` [T] fp32, the log-partition of the target's logits at each position. Target
+logits are recomputed from `final` with the (frozen) LM head, which costs far less disk than
+storing [T, V] distributions; with `logz` a trainer inside a pruned draft vocabulary gets the
+target's exact probabilities of its own tokens from those rows of the LM head alone
+(train/loss.py), never the 49k-wide head. Caches written before `logz` existed get it computed
+on read. Shards are written to a temporary name and renamed, so an
 interrupted build leaves only whole shards and a rerun continues after the last one.
 """
 from __future__ import annotations
@@ -52,6 +56,21 @@ def target_features(target: torch.nn.Module, seqs: list[Sequence], layer_ids: li
     return out
 
 
+def log_partition(lm_head: torch.nn.Module, final: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """logsumexp of the target's logits [T] from final hidden states [T, d], in row chunks.
+
+    Computed from the fp16 copy the cache stores, so that probabilities recomputed from the cached
+    `final` sum to one with it.
+    """
+    weight = lm_head.weight
+    out = []
+    with torch.inference_mode():
+        for i in range(0, final.shape[0], chunk):
+            rows = final[i:i + chunk].to(weight.dtype)
+            out.append(torch.logsumexp(lm_head(rows).float(), dim=-1))
+    return torch.cat(out) if out else final.new_zeros(0, dtype=torch.float32)
+
+
 def _fp16(x: torch.Tensor) -> torch.Tensor:
     # Llama-family "massive activations" reach ~2.5e4 (SmolLM2); clamp so none becomes inf.
     return x.clamp(-65000.0, 65000.0).to(torch.float16).contiguous()
@@ -96,6 +115,12 @@ class ActivationCache:
             taps = torch.cat([taps[:, c * d : (c + 1) * d] for c in cols], dim=-1)
         return taps, handle.get_tensor(f"final.{line}")
 
+    def logz(self, line: int) -> torch.Tensor | None:
+        """log sum exp of the target's logits at each position [T] fp32 (None: an older cache)."""
+        handle = self._handles[self._where[line]]
+        key = f"logz.{line}"
+        return handle.get_tensor(key) if key in handle.keys() else None
+
 
 def open_or_create(path: str | Path, layer_ids: list[int], hidden_size: int, target_name: str) -> ActivationCache:
     path = Path(path)
@@ -129,9 +154,11 @@ def extend_cache(cache: ActivationCache, target: torch.nn.Module, seqs: list[Seq
         chunk = todo[i : i + shard_size]
         feats = target_features(target, chunk, cache.layer_ids)
         tensors = {}
+        lm_head = target.get_output_embeddings()
         for s, (taps, final) in zip(chunk, feats):
             tensors[f"taps.{s.line}"] = _fp16(taps)
             tensors[f"final.{s.line}"] = _fp16(final)
+            tensors[f"logz.{s.line}"] = log_partition(lm_head, tensors[f"final.{s.line}"]).contiguous()
         name = cache.path / f"lines_{chunk[0].line:07d}_{chunk[-1].line:07d}.safetensors"
         tmp = name.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})

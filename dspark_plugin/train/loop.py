@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from dspark_plugin.decode.taps import tap_layer_ids
 from dspark_plugin.errors import DSparkError
 from dspark_plugin.model.drafter import DSparkDrafter
 from dspark_plugin.train.blocks import build_batch
-from dspark_plugin.train.cache import extend_cache, open_or_create, target_features
-from dspark_plugin.train.data import read_sequences
+from dspark_plugin.train.cache import extend_cache, log_partition, open_or_create, target_features
+from dspark_plugin.train.data import Sequence, read_sequences
 from dspark_plugin.train.loss import drafter_loss
 from dspark_plugin.train.state import load_state, save_state
 
@@ -67,6 +66,7 @@ class TrainOptions:
     threads: int | None = None
     progress: bool = True
     init: str = "target"              # "target": draft layers/norm start as copies of the target's last ones
+    draft_vocab: int | None = None    # train inside a pruned draft vocabulary of this many tokens
 
 
 def lr_at(step: int, total: int, base: float, warmup_frac: float) -> float:
@@ -178,6 +178,36 @@ def _default_mask_token(target_dir: str, vocab_size: int) -> int:
     return vocab_size - 1
 
 
+VOCAB_FILE = "draft_vocab.json"
+
+
+def choose_draft_vocab(out: Path, seqs: list[Sequence], size: int, vocab_size: int,
+                       keep: list[int]) -> torch.Tensor:
+    """The draft vocabulary of a run: chosen once from the responses, reused on --resume.
+
+    Kept in <out>/draft_vocab.json because the data may grow between resumed rounds
+    (drafters/train_smollm2.sh), while the Markov W2 rows must keep their meaning.
+    """
+    from collections import Counter
+
+    from dspark_plugin.train.prune_vocab import select_draft_vocab
+
+    path = out / VOCAB_FILE
+    if path.is_file():
+        ids = json.loads(path.read_text())
+        if not isinstance(ids, list) or len(ids) != size:
+            raise DSparkError(f"{path}: holds {len(ids) if isinstance(ids, list) else 'no'} ids, "
+                              f"--draft-vocab asks for {size}; use a new --out")
+        return torch.tensor(ids, dtype=torch.long)
+    counts: Counter = Counter()
+    for s in seqs:
+        counts.update(s.ids[s.prompt_len:])
+    ids = select_draft_vocab(counts, size, vocab_size, keep=keep)
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ids.tolist()) + "\n")
+    return ids
+
+
 def _acc_text(correct: torch.Tensor, count: torch.Tensor) -> str:
     acc = correct / count.clamp_min(1)
     return "/".join(f"{int(round(100 * float(x)))}" for x in acc)
@@ -200,6 +230,9 @@ def train(opts: TrainOptions) -> Path:
                           f"confidence head: use --head none (got --head {opts.head})")
     if opts.layout == "dflash" and opts.block_size < 2:
         raise DSparkError(f"--layout dflash needs --block-size >= 2 (one bonus token + masks), got {opts.block_size}")
+    if opts.layout == "dflash" and opts.draft_vocab is not None:
+        raise DSparkError("--layout dflash writes vLLM's native dflash drafter, which scores the full vocabulary: "
+                          "drop --draft-vocab")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     out = Path(opts.out)
@@ -212,6 +245,9 @@ def train(opts: TrainOptions) -> Path:
     tc = target.config.get_text_config()
     mask_id = opts.mask_token_id if opts.mask_token_id is not None else _default_mask_token(target_dir, tc.vocab_size)
     cfg = drafter_config(target.config, opts, mask_id)
+    if opts.draft_vocab is not None and not 0 < opts.draft_vocab <= tc.vocab_size:
+        raise DSparkError(f"--draft-vocab must be between 1 and the target's vocab_size {tc.vocab_size}, "
+                          f"got {opts.draft_vocab}")
 
     seqs = read_sequences(opts.data, max_len=opts.max_len)
     if not seqs:
@@ -230,10 +266,24 @@ def train(opts: TrainOptions) -> Path:
 
     if opts.init not in ("target", "random"):
         raise DSparkError(f"--init must be 'target' or 'random', got {opts.init!r}")
+    draft_ids = None
+    if opts.draft_vocab is not None and opts.draft_vocab < tc.vocab_size:
+        eos = tc.eos_token_id if isinstance(tc.eos_token_id, list) else [tc.eos_token_id]
+        draft_ids = choose_draft_vocab(out, seqs, opts.draft_vocab, tc.vocab_size,
+                                       keep=[t for t in eos if t is not None])
+        cfg.draft_vocab_size = int(draft_ids.numel())
     drafter = init_drafter(cfg, opts.seed)
     if opts.init == "target" and not (opts.resume and (out / "trainer_state").exists()):
         init_from_target(drafter, target)
-    drafter.attach_target(target.get_input_embeddings(), target.get_output_embeddings())
+    target_head = target.get_output_embeddings()
+    lm_head = target_head
+    if draft_ids is not None:
+        # The target's rows of the draft tokens, frozen like the full head (train/prune_vocab.py).
+        lm_head = torch.nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
+        lm_head.weight.data.copy_(target_head.weight.detach()[draft_ids])
+        lm_head.requires_grad_(False)
+        drafter.draft_to_target = draft_ids
+    drafter.attach_target(target.get_input_embeddings(), lm_head)
     drafter.train()
     params = [p for p in drafter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
@@ -267,6 +317,7 @@ def train(opts: TrainOptions) -> Path:
     bar = tqdm(total=total, initial=start, desc=f"train {opts.head}", unit="step", disable=not opts.progress)
     with log_path.open("a") as log:
         for step in range(start, total):
+            step_start = time.perf_counter()
             epoch, idx = divmod(step, per_epoch)
             if epoch not in perms:
                 perms = {epoch: torch.randperm(len(seqs), generator=torch.Generator().manual_seed(opts.seed * 7919 + epoch))}
@@ -275,6 +326,8 @@ def train(opts: TrainOptions) -> Path:
                 feats = [cache.features(s.line, cfg.target_layer_ids) for s in batch_seqs]
             else:
                 feats = target_features(target, batch_seqs, cfg.target_layer_ids)
+            if draft_ids is not None:  # a pruned vocabulary reads p_t from the draft rows + logz
+                feats = [(t, f, _logz(cache, s.line, target_head, f)) for s, (t, f) in zip(batch_seqs, feats)]
             gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + step)
             batch = build_batch(batch_seqs, feats, opts.anchors_per_seq, cfg.block_size, cfg.mask_token_id, gen,
                                 sample_from_anchor=cfg.sample_from_anchor)
@@ -292,7 +345,8 @@ def train(opts: TrainOptions) -> Path:
             rec = {"step": step, "loss": float(res.loss.detach()), "ce": res.ce, "l1": res.l1, "bce": res.bce,
                    "lr": lr, "grad_norm": float(grad_norm),
                    "acc": [round(float(x), 4) for x in (res.correct / res.count.clamp_min(1))],
-                   "tokens": int(res.count.sum())}
+                   "tokens": int(res.count.sum()), "blocks": int(batch.valid[:, :, 0].sum()),
+                   "seconds": round(time.perf_counter() - step_start, 4)}
             log.write(json.dumps(rec) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=_acc_text(correct, count))
@@ -308,6 +362,13 @@ def train(opts: TrainOptions) -> Path:
                 break
     bar.close()
     return out
+
+
+def _logz(cache, line: int, target_head: torch.nn.Module, final: torch.Tensor) -> torch.Tensor:
+    logz = cache.logz(line) if cache is not None else None
+    if logz is None:  # a cache from before logz, or no cache: the full head, once per sequence here
+        logz = log_partition(target_head, final)
+    return logz
 
 
 def _save(drafter: DSparkDrafter, out: Path, optimizer, step: int, total: int, opts: TrainOptions,
