@@ -36,8 +36,10 @@ sys.path.insert(0, str(REPO))
 DATA = next((d for d in (REPO.parent / "shared" / "data", Path("/work/shared/data")) if d.is_dir()),
             Path("/work/shared/data"))
 DATASETS = {"mt_bench": "MT-Bench", "humaneval": "HumanEval", "gsm8k_test": "GSM8K"}
-DRAFTERS = ["smollm2-135m-dspark-vanilla-b7", "smollm2-135m-dspark-rnn-b7", "smollm2-135m-dflash-b7"]
+DRAFTERS = ["smollm2-135m-dspark-vanilla-b7", "smollm2-135m-dspark-rnn-b7", "smollm2-135m-dflash-b7", "ngram"]
 BASELINE = "smollm2-135m-dflash-b7"
+# vLLM's own n-gram (prompt lookup) proposer, measured as a peer in the same run: `ngram`.
+NGRAM = {"method": "ngram", "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 SPEC_METRICS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
                 "vllm:spec_decode_num_accepted_tokens", "vllm:spec_decode_num_accepted_tokens_per_pos")
 
@@ -74,7 +76,9 @@ def vllm_worker(args: argparse.Namespace) -> int:
     # speculating kills the engine ("CPU Generator does not use offset", a vLLM bug).
     kw: dict[str, Any] = dict(model=args.target, dtype="float32", max_model_len=2048, enforce_eager=True,
                               seed=0, disable_log_stats=False, enable_chunked_prefill=False)
-    if args.worker_drafter != "none":
+    if args.worker_drafter == "ngram":
+        kw["speculative_config"] = {**NGRAM, "num_speculative_tokens": args.num_speculative_tokens}
+    elif args.worker_drafter != "none":
         kw["speculative_config"] = {"method": "dspark", "model": args.worker_drafter,
                                     "num_speculative_tokens": args.num_speculative_tokens}
     llm = LLM(**kw)
@@ -122,7 +126,7 @@ def run_vllm(args: argparse.Namespace, drafters: list[str]) -> dict[str, list[di
     raw: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ["none", *drafters]:
-            path = "none" if name == "none" else str(_drafter_dir(name))
+            path = name if name in ("none", "ngram") else str(_drafter_dir(name))
             out = Path(tmp) / f"{name}.json"
             cmd = [sys.executable, __file__, "--engine", "vllm", "--target", args.target, "--worker-drafter", path,
                    "--worker-json", str(out), "--prompts", str(args.prompts), "--max-new-tokens",
@@ -239,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         return vllm_worker(args)
     if not (Path(args.target) / "config.json").is_file():
         p.error(f"{args.target}: no target model (build it with `dspark prepare-target smollm2-135m --out DIR`)")
+    if args.engine == "reference":  # the reference runner drafts with DSpark drafters only
+        args.drafters = [d for d in args.drafters if d != "ngram"]
     for name in args.drafters:
-        if not (_drafter_dir(name) / "config.json").is_file():
+        if name != "ngram" and not (_drafter_dir(name) / "config.json").is_file():
             p.error(f"{_drafter_dir(name)}: no drafter (config.json missing)")
     t0 = time.time()
     results = (run_vllm if args.engine == "vllm" else run_reference)(args, args.drafters)

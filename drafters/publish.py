@@ -18,9 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Where the training script put its runs and log, and how it was called (env overrides).
 RUNS = Path(os.environ.get("RUNS", ROOT / "work_cache" / "drafter_runs"))
-TRAIN_LOG = Path(os.environ.get("TRAIN_LOG", ROOT / "work_cache" / "train_drafters.log"))
 OUT = ROOT / "drafters"
-SCRIPT = os.environ.get("TRAIN_COMMAND", "TOTAL=250 ROUND=125 drafters/train_smollm2.sh")
+SCRIPT = os.environ.get("TRAIN_COMMAND", "drafters/train_smollm2.sh")
 
 KIND = {
     "vanilla": "DSpark drafter, vanilla Markov head (rank {rank}) + confidence head",
@@ -55,15 +54,6 @@ def _cached_lines(cache: Path) -> set[int]:
     return lines
 
 
-def _rounds() -> list[tuple[int, int]]:
-    """(up-to step, sequences) per lockstep round, from the training script's log."""
-    import re
-    log = TRAIN_LOG
-    if not log.exists():
-        return []
-    return [(int(a), int(b)) for a, b in re.findall(r"round up to step (\d+) on the first (\d+) sequences", log.read_text())]
-
-
 def publish(name: str) -> Path:
     run = RUNS / name
     args = json.loads((run / "training_args.json").read_text())
@@ -81,12 +71,15 @@ def publish(name: str) -> Path:
     size_mib = (dest / "model.safetensors").stat().st_size / 2**20
     data = ROOT / args["data"]
     cache = ROOT / args["cache"] if args.get("cache") else None
-    last = log[-20:]
+    last = log[-50:]
     acc = [sum(r["acc"][k] for r in last) / len(last) for k in range(len(last[0]["acc"]))]
     head = args["head"]
     head_flags = "--head none" if head == "none" else f"--head {head} --markov-rank {args['markov_rank']}"
     if layout == "dflash":
         head_flags += " --layout dflash"
+    vocab = args.get("draft_vocab")
+    if vocab:
+        head_flags += f" --draft-vocab {vocab}"
     if layout == "dflash":
         k = num_speculative_tokens(cfg.block_size)
         geometry = f"Block size {cfg.block_size} (bonus token + {k} masks: {k} drafts per step)"
@@ -94,33 +87,28 @@ def publish(name: str) -> Path:
                  f"{args['save_dtype']}, {size_mib:.1f} MiB); embedding and LM head are the target's (vLLM shares them) and are not "
                  f"stored. Serve with `--speculative-config '{{\"method\": \"dflash\", \"model\": "
                  f"\"drafters/{name}\", \"num_speculative_tokens\": {k}}}'`")
+    elif vocab:
+        geometry = f"Block size {cfg.block_size}"
+        files = (f"DeepSpec layout for a pruned vocabulary (`config.json` with `draft_vocab_size: {vocab}`, "
+                 f"`model.safetensors` {args['save_dtype']}, {size_mib:.1f} MiB, holding the drafter's own "
+                 f"`lm_head.weight` [{vocab}, {cfg.hidden_size}] (the target's rows of those tokens) and `d2t` "
+                 f"(target id = draft id + d2t[draft id]), EAGLE-3's convention, which vLLM's native reader also "
+                 f"loads); the embedding is the target's and is not stored. Trained inside that vocabulary from the "
+                 f"first step: the {vocab} tokens most frequent in the training responses")
     else:
         geometry = f"Block size {cfg.block_size}"
         files = (f"DeepSpec layout (`config.json` + `model.safetensors`, {args['save_dtype']}, {size_mib:.1f} MiB); embedding and "
                  f"LM head are the target's and are not stored")
-    rounds = [(u, n) for u, n in _rounds() if u - args["steps"] < state["step"]]
-    prev = 0
-    schedule = []
-    for upto, n in rounds:
-        if prev < state["step"]:
-            schedule.append(f"steps {prev + 1}-{min(upto, state['step'])} on the first {n} lines")
-        prev = upto
     lines = _cached_lines(cache) if cache and cache.exists() else None
-    used = [n for (u, n), s in zip(rounds, range(len(rounds))) if s < len(schedule)]
-    if lines is not None and used:
-        lines = {i for i in lines if i < max(used)}
     seqs, toks, sources = _data_stats(data, lines)
-    command = (f".venv/bin/dspark train --target {args['target']} --data work_cache/train_data.jsonl --cache {args['cache']} "
+    steps = f"--epochs {args['epochs']}" if args.get("epochs") else f"--steps {args['steps']}"
+    command = (f".venv/bin/dspark train --target {args['target']} --data {args['data']} --cache {args['cache']} "
                f"--out work_cache/drafter_runs/{name} {head_flags} --layers {args['layers']} "
-               f"--num-taps {args['num_taps']} --block-size {args['block_size']} --steps {args['steps']} "
+               f"--num-taps {args['num_taps']} --block-size {args['block_size']} {steps} "
                f"--lr {args['lr']} --batch-size {args['batch_size']} --anchors-per-seq {args['anchors_per_seq']} "
-               f"--seed {args['seed']} --save-dtype {args['save_dtype']} --init {args.get('init', 'random')}")
+               f"--seed {args['seed']} --save-dtype {args['save_dtype']} --init {args.get('init', 'random')} "
+               f"--threads {args.get('threads') or 2}")
     done = state["step"] >= state["total_steps"]
-    sizes = {n for _, n in rounds[: len(schedule)]}
-    rounds_text = (f"Lockstep rounds of {rounds[0][0] if rounds else args['steps']} steps, all on the first "
-                   f"{sizes.pop()} lines of `work_cache/train_data.jsonl`." if len(sizes) == 1 else
-                   "The data file was still growing during training (lockstep rounds, each on the prefix cached "
-                   f"at its start): {'; '.join(schedule) or 'single round'} of `work_cache/train_data.jsonl`.")
     init_text = ("; draft layer and final norm start as copies of the target's last layer and norm"
                  if args.get("init") == "target" else "; random init")
     card = f"""# {name}
@@ -133,10 +121,11 @@ def publish(name: str) -> Path:
 
 ## Training
 - Status: {'finished' if done else 'INTERMEDIATE checkpoint'}: step {state['step']} of {state['total_steps']}
-  ({state['wall_seconds'] / 60:.0f} min wall clock on 2 shared CPU cores, published {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC).
-- Data: {seqs} prompts ({', '.join(f'{v} from {k}' for k, v in sorted(sources.items()))}), responses
-  regenerated by the target itself (greedy, <= 256 new tokens), {toks} response tokens. Training files only:
-  no MT-Bench / HumanEval / GSM8K-test / MATH-500 / MBPP prompt was used. {rounds_text}
+  ({state['wall_seconds'] / 60:.0f} min wall clock on 2 CPU cores, published {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC).
+- Data: {seqs} sequences ({', '.join(f'{v} from {k}' for k, v in sorted(sources.items()))}), answers
+  generated by the target itself (greedy and T=1, <= 256 new tokens; `self` = requests the target wrote,
+  dspark_plugin/train/self_prompts.py), {toks} response tokens. Training files only: no MT-Bench /
+  HumanEval / GSM8K-test / MATH-500 / MBPP prompt was used.
 - Recipe (docs/algorithm.md §2): {args['batch_size']} sequences x {args['anchors_per_seq']} anchors per step, anchors among
   response positions, valid-prefix supervision, teacher-forced sequential head,
   {'CE only' if head == 'none' else '0.1 CE + 0.9 L1(p_draft, p_target) + 1.0 BCE(confidence)'} with exp(-(k-1)/4)
@@ -145,9 +134,8 @@ def publish(name: str) -> Path:
   (last {len(last)} steps): {' / '.join(f'{a:.2f}' for a in acc)}.
 
 ## Reproduce
-The shipped drafters were trained in lockstep on the same data and steps by
-`{SCRIPT}` (after `dspark prepare-target` and `dspark gen-data`); for this drafter alone, on a
-finished data file (one round):
+All shipped drafters: `{SCRIPT}` (data, activation cache, then each drafter at the same budget).
+This drafter alone, on the finished data and cache:
 
 ```
 {command}

@@ -1,81 +1,57 @@
 #!/usr/bin/env bash
-# Train the shipped SmolLM2-135M-Instruct drafters (block 7) in lockstep rounds.
+# Train the shipped SmolLM2-135M-Instruct drafters (block 7) from scratch: data, activation cache,
+# then each drafter at one common budget (the same data, epochs, batch and draft vocabulary).
 #
-# A background builder keeps extending the shared activation cache while `gen-data` is still
-# writing responses. Each round snapshots the cached prefix of the data file, then advances the
-# drafters by ROUND steps in parallel on exactly that snapshot, so they share data and
-# steps. Resumable: rerun the script and every drafter continues from its trainer_state/.
+#   drafters/train_smollm2.sh                       # everything (hours on 2 CPU cores)
+#   ONLY="smollm2-135m-dspark-vanilla-b7-v8k" EPOCHS=2 drafters/train_smollm2.sh
 #
-#   TOTAL=250 ROUND=125 drafters/train_smollm2.sh
-#   ONLY="smollm2-135m-native-dflash-b7" drafters/train_smollm2.sh   # just these (space-separated)
-#
-# Outputs (git-ignored): work_cache/drafter_runs/<name>/ ; `drafters/publish.py` copies them to
-# drafters/<name>/{config.json,model.safetensors,README.md}.
+# Resumable at every stage: the data generation skips what is written, the cache builds only
+# missing sequences, each drafter continues from its trainer_state/. Outputs (git-ignored):
+# work_cache/train_mix.jsonl, work_cache/act_cache_smollm2/, work_cache/drafter_runs/<name>/;
+# `drafters/publish.py` copies a run to drafters/<name>/ with its model card.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DSPARK=${DSPARK:-.venv/bin/dspark}
-PY=${PY:-.venv/bin/python}
 TARGET=${TARGET:-work_cache/smollm2-135m}
-DATA=${DATA:-work_cache/train_data.jsonl}
+DATA=${DATA:-work_cache/train_mix.jsonl}
 CACHE=${CACHE:-work_cache/act_cache_smollm2}
 RUNS=${RUNS:-work_cache/drafter_runs}
-TOTAL=${TOTAL:-250}
-ROUND=${ROUND:-125}
-THREADS=${THREADS:-1}
-LR=${LR:-3e-3}
+EPOCHS=${EPOCHS:-1}
+VOCAB=${VOCAB:-8192}
+THREADS=${THREADS:-2}
 mkdir -p "$RUNS"
-SNAP="$RUNS/data_snapshot.jsonl"
-COMMON=(--target "$TARGET" --cache "$CACHE" --threads "$THREADS" --no-progress
-        --layers 1 --num-taps 5 --block-size 7 --steps "$TOTAL" --lr "$LR"
-        --batch-size 2 --anchors-per-seq 16 --seed 0 --save-dtype bfloat16)
-# native-dflash: vLLM's own dflash drafter (`--layout dflash`): the same 7-slot block forward, but
-# bonus token + 6 masks, so 6 drafts per step (served with num_speculative_tokens 6).
-NAMES=(smollm2-135m-dspark-vanilla-b7 smollm2-135m-dspark-rnn-b7 smollm2-135m-dflash-b7
-       smollm2-135m-native-dflash-b7)
-declare -A HEAD=( [smollm2-135m-dspark-vanilla-b7]="--head vanilla --markov-rank 64"
-                  [smollm2-135m-dspark-rnn-b7]="--head rnn --markov-rank 64"
-                  [smollm2-135m-dflash-b7]="--head none"
+log() { echo "$(date -u +%FT%TZ) $*"; }
+
+# 1. Data: the target's own greedy and T=1 answers (drafters/gen_data_smollm2.sh), concatenated once.
+# The line number is the activation cache's key, so the mix is only ever appended to.
+if [ ! -s "$DATA" ]; then
+  drafters/gen_data_smollm2.sh
+  cat work_cache/train_data.jsonl work_cache/train_data_t1.jsonl > "$DATA.tmp" && mv "$DATA.tmp" "$DATA"
+fi
+
+# 2. Activation cache (taps, final states, log-partition): one target pass for every drafter.
+# The recipe (benchmarks/train_throughput.py, `fast`): the pruned draft vocabulary from the first
+# step, 4 sequences x 32 anchor blocks a step, both cores.
+COMMON=(--target "$TARGET" --data "$DATA" --cache "$CACHE" --threads "$THREADS" --no-progress
+        --layers 1 --num-taps 5 --block-size 7 --epochs "$EPOCHS" --lr 3e-3 --batch-size 4
+        --anchors-per-seq 32 --seed 0 --save-dtype bfloat16 --save-every 200)
+log "activation cache -> $CACHE"
+"$DSPARK" train "${COMMON[@]}" --out "$RUNS/_cache_builder" --cache-only > "$RUNS/_cache_builder.log" 2>&1
+
+# 3. The drafters, one after the other (each uses both cores).
+NAMES=(smollm2-135m-dspark-vanilla-b7-v8k smollm2-135m-dflash-b7-v8k smollm2-135m-dspark-rnn-b7-v8k
+       smollm2-135m-dspark-gated-b7-v8k smollm2-135m-native-dflash-b7)
+declare -A HEAD=( [smollm2-135m-dspark-vanilla-b7-v8k]="--head vanilla --markov-rank 64 --draft-vocab $VOCAB"
+                  [smollm2-135m-dflash-b7-v8k]="--head none --draft-vocab $VOCAB"
+                  [smollm2-135m-dspark-rnn-b7-v8k]="--head rnn --markov-rank 64 --draft-vocab $VOCAB"
+                  [smollm2-135m-dspark-gated-b7-v8k]="--head gated --markov-rank 64 --draft-vocab $VOCAB"
+                  # vLLM's own dflash format scores the full vocabulary (no d2t in its reader).
                   [smollm2-135m-native-dflash-b7]="--head none --layout dflash" )
 if [ -n "${ONLY:-}" ]; then read -r -a NAMES <<< "$ONLY"; fi
-
-cached_prefix() {  # number of leading data lines whose features are in the cache
-  "$PY" - "$CACHE" <<'EOF'
-import re, sys
-from pathlib import Path
-spans = sorted(tuple(map(int, re.findall(r"\d+", p.stem))) for p in Path(sys.argv[1]).glob("lines_*.safetensors"))
-n = 0
-for a, b in spans:
-    if a <= n:
-        n = max(n, b + 1)
-print(n)
-EOF
-}
-
-build_cache() {
-  while true; do
-    if [ ! -f "$CACHE/manifest.json" ] || [ "$(wc -l < "$DATA")" -gt "$(cached_prefix)" ]; then
-      "$DSPARK" train "${COMMON[@]}" --data "$DATA" --out "$RUNS/_cache_builder" --cache-only \
-        >> "$RUNS/_cache_builder.log" 2>&1 || true
-    fi
-    sleep 30
-  done
-}
-build_cache &
-BUILDER=$!
-trap 'kill $BUILDER 2>/dev/null || true' EXIT
-
-until [ -f "$CACHE/manifest.json" ] && [ "$(cached_prefix)" -ge 64 ]; do sleep 20; done
-for ((upto = ROUND; upto < TOTAL + ROUND; upto += ROUND)); do
-  (( upto > TOTAL )) && upto=$TOTAL
-  n=$(cached_prefix)
-  head -n "$n" "$DATA" > "$SNAP"
-  echo "$(date -u +%FT%TZ) round up to step $upto on the first $n sequences"
-  for name in "${NAMES[@]}"; do
-    # shellcheck disable=SC2086
-    "$DSPARK" train "${COMMON[@]}" ${HEAD[$name]} --data "$SNAP" --out "$RUNS/$name" --resume \
-      --no-extend-cache --stop-after "$upto" --save-every "$ROUND" > "$RUNS/$name.log" 2>&1 &
-  done
-  wait $(jobs -p | grep -v "^$BUILDER$")
-  for name in "${NAMES[@]}"; do echo "$name: $(tail -n 1 "$RUNS/$name/train_log.jsonl")"; done
+for name in "${NAMES[@]}"; do
+  log "train $name"
+  # shellcheck disable=SC2086
+  "$DSPARK" train "${COMMON[@]}" --no-extend-cache ${HEAD[$name]} --out "$RUNS/$name" --resume \
+    > "$RUNS/$name.log" 2>&1
+  log "$name: $(tail -n 1 "$RUNS/$name/train_log.jsonl")"
 done
-echo "$(date -u +%FT%TZ) done"
