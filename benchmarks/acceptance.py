@@ -33,6 +33,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from harness import processes  # noqa: E402
+
 DATA = next((d for d in (REPO.parent / "shared" / "data", Path("/work/shared/data")) if d.is_dir()),
             Path("/work/shared/data"))
 DATASETS = {"mt_bench": "MT-Bench", "humaneval": "HumanEval", "gsm8k_test": "GSM8K"}
@@ -134,7 +136,7 @@ def run_vllm(args: argparse.Namespace, drafters: list[str]) -> dict[str, list[di
                    "--seed", str(args.seed), "--data-dir", str(args.data_dir), "--datasets", *args.datasets,
                    "--temperatures", *map(str, args.temperatures)]
             print(f"[acceptance] {name}: vLLM engine", flush=True)
-            subprocess.run(cmd, check=True, cwd=REPO)
+            processes.run(cmd, check=True, cwd=REPO)  # its own process group: nothing left behind
             raw[name] = json.loads(out.read_text())
     plain = {(r["dataset"], r["temperature"]): r for r in raw.pop("none")}
     return {name: [summarise_vllm(r, plain.get((r["dataset"], r["temperature"]))) for r in rows]
@@ -241,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.worker_json:
         return vllm_worker(args)
+    processes.install_signal_handlers()
     if not (Path(args.target) / "config.json").is_file():
         p.error(f"{args.target}: no target model (build it with `dspark prepare-target smollm2-135m --out DIR`)")
     if args.engine == "reference":  # the reference runner drafts with DSpark drafters only

@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from harness import processes  # noqa: E402
 from harness.vllm_serving import VllmServer  # noqa: E402
 from harness.vllm_testing import smollm2_target, vllm_env  # noqa: E402
 
@@ -55,6 +56,7 @@ def time_start(target: Path, spec: dict | None, env: dict[str, str], log: Path) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    processes.install_signal_handlers()  # a killed benchmark stops its servers
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default=None, help="HF target dir (default: SmolLM2-135M in work_cache/)")
     p.add_argument("--drafter", default=str(PRODUCT_DRAFTER))

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from harness import processes  # noqa: E402
 from harness.readme_command import ShellServer, readme_main_command, work_tree  # noqa: E402
 from harness.vllm_testing import smollm2_target  # noqa: E402
 
@@ -60,7 +60,7 @@ def bench(server: ShellServer, model: str, args: argparse.Namespace, result_dir:
            "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
            "--max-concurrency", str(args.max_concurrency), "--seed", str(args.seed), "--save-result",
            "--result-dir", str(result_dir), "--result-filename", f"{tag}.json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    proc = processes.run(cmd, capture_output=True, text=True, timeout=1800)
     (result_dir / f"{tag}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed ({tag}): {(proc.stdout + proc.stderr)[-3000:]}")
@@ -69,6 +69,7 @@ def bench(server: ShellServer, model: str, args: argparse.Namespace, result_dir:
 
 
 def main(argv: list[str] | None = None) -> int:
+    processes.install_signal_handlers()  # a killed benchmark stops its servers
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)

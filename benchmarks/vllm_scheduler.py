@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from vllm_serving import prompt_sets, shipped, started, stream_chat, timed_load  # noqa: E402
 
+from harness import processes  # noqa: E402
 from harness.vllm_serving import VllmServer  # noqa: E402
 from harness.vllm_testing import vllm_env  # noqa: E402
 
@@ -227,6 +228,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    processes.install_signal_handlers()  # a killed benchmark stops its servers
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default=str(REPO / "work_cache" / "smollm2-135m"))
     p.add_argument("--drafter", default=shipped("smollm2-135m-dspark-vanilla"),

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dspark_plugin.reference.prompts import read_prompts  # noqa: E402
+from harness import processes  # noqa: E402
 from harness.vllm_serving import VllmServer, acceptance_length  # noqa: E402
 
 # The workplace's prompt sets: beside the checkout (../shared/data), else the usual mount.
@@ -239,6 +240,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    processes.install_signal_handlers()  # a killed benchmark stops its servers
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default=str(REPO / "work_cache" / "smollm2-135m"))
     p.add_argument("--dspark", default=shipped("smollm2-135m-dspark-vanilla"),

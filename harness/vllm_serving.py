@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -18,20 +17,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from harness import processes
+
 SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
                  "vllm:spec_decode_num_accepted_tokens")
 GEN_COUNTERS = ("vllm:generation_tokens",)
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM the server when the process that started it dies (Linux), so a killed
-    test run or benchmark does not leave servers behind."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def free_port() -> int:
@@ -80,8 +70,8 @@ class VllmServer:
         log = self.log_path.open("w")
         env = dict(os.environ if self.env is None else self.env)
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+        # Own process group, stopped with this process (harness/processes.py).
+        self.proc = processes.popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd)
         deadline = t0 + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -101,8 +91,8 @@ class VllmServer:
         """For servers expected to refuse to start: the exit code (the server is killed on timeout)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("w") as log:
-            proc = subprocess.run(self.command(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                                  env=dict(os.environ if self.env is None else self.env))
+            proc = processes.run(self.command(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
+                                 env=dict(os.environ if self.env is None else self.env))
         return proc.returncode
 
     def log_tail(self, chars: int = 6000) -> str:
@@ -112,14 +102,11 @@ class VllmServer:
             return ""
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+        # The whole group, also when the API server already exited (its engine may not have).
+        processes.stop_group(self.proc.pid, grace=60)
+        self.proc.wait(timeout=30)
 
     def __enter__(self) -> "VllmServer":
         return self.start()

@@ -11,6 +11,11 @@ import torch
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS / "helpers"))
 sys.path.insert(0, str(TESTS.parent))
+# Every server and engine script started through harness/processes.py is stopped when this run is
+# killed (SIGTERM / SIGHUP) or exits (tests/vllm/test_nothing_left_behind.py).
+from harness import processes  # noqa: E402
+
+processes.install_signal_handlers()
 # Step-rate curves learned by the servers the tests start go to a directory of this run, not to the
 # user's ~/.cache/dspark (and a curve left by an earlier run does not steer this one).
 os.environ.setdefault("DSPARK_CACHE_DIR", tempfile.mkdtemp(prefix="dspark-test-cache-"))

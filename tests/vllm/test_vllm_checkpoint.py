@@ -6,12 +6,12 @@ Runs in a subprocess: vLLM's distributed state and model registry are process-gl
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from harness import processes  # noqa: E402
 from harness.vllm_testing import random_drafter, smollm2_drafter_config, smollm2_target, vllm_env
 
 SCRIPT = textwrap.dedent("""
@@ -82,7 +82,7 @@ def target_dir():
 def load_in_vllm(target, drafter, cls_name):
     from harness.vllm_serving import free_port
 
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(target), str(drafter), cls_name, str(free_port())],
+    proc = processes.run([sys.executable, "-c", SCRIPT, str(target), str(drafter), cls_name, str(free_port())],
                           capture_output=True, text=True, timeout=600, env=vllm_env(VLLM_PLUGINS="dspark"))
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 
 import pytest
@@ -70,13 +69,14 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_seeded_request_with_chunked_prefill_survives(tmp_path):
+    from harness import processes
     from harness.vllm_testing import shipped_drafter, smollm2_target, vllm_env
 
     drafter = shipped_drafter("smollm2-135m-dspark-vanilla")
     assert drafter is not None, "drafters/smollm2-135m-dspark-vanilla-b7 is missing"
     script, out = tmp_path / "engines.py", tmp_path / "out.json"
     script.write_text(ENGINES)
-    proc = subprocess.run([sys.executable, str(script), str(smollm2_target()), str(drafter), str(out)],
+    proc = processes.run([sys.executable, str(script), str(smollm2_target()), str(drafter), str(out)],
                           env=vllm_env(), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0 and out.is_file(), proc.stdout[-3000:] + proc.stderr[-6000:]
     got = json.loads(out.read_text())

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from dspark_plugin.cli import main
+from harness import processes  # noqa: E402
 from harness.vllm_testing import vllm_env
 from tiny_target import WORDS, build_tiny_target
 
@@ -134,7 +135,7 @@ def trained(tmp_path_factory) -> dict:
 
 
 def _subprocess(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+    proc = processes.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
                           env=vllm_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-5000:]
     return proc

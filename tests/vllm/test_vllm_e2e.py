@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import processes  # noqa: E402
 from harness.vllm_serving import VllmServer
 from harness.vllm_testing import REPO, quick_drafter, smollm2_target, vllm_env
 
@@ -279,7 +280,7 @@ def run_script(source: str, name: str, target: Path, drafter: Path, prompts: lis
     script, prompts_file, out_file = tmp_path / f"{name}.py", tmp_path / "prompts.json", tmp_path / f"{name}.json"
     script.write_text(source)
     prompts_file.write_text(json.dumps(prompts))
-    proc = subprocess.run([sys.executable, str(script), str(target), str(drafter), str(prompts_file),
+    proc = processes.run([sys.executable, str(script), str(target), str(drafter), str(prompts_file),
                            str(out_file), str(MAX_TOKENS)], capture_output=True, text=True, timeout=1200,
                           env=vllm_env(VLLM_PLUGINS="dspark", **env))
     assert proc.returncode == 0, proc.stderr[-5000:]

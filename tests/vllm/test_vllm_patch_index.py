@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import json
 import re
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -20,6 +19,7 @@ pytest.importorskip("vllm", reason="vllm is not installed")
 from dspark_plugin.errors import DSparkError  # noqa: E402
 from dspark_plugin.vllm import patches  # noqa: E402
 from dspark_plugin.vllm.patches._guard import ENV_DISABLE, disabled_patches  # noqa: E402
+from harness import processes  # noqa: E402
 from harness.vllm_testing import vllm_env  # noqa: E402
 
 DIFFS = Path(__file__).resolve().parents[2] / "patches"
@@ -123,7 +123,7 @@ def run_case(disable: str | None) -> dict:
     env.pop(ENV_DISABLE, None)
     if disable is not None:
         env[ENV_DISABLE] = disable
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT)], capture_output=True, text=True,
+    proc = processes.run([sys.executable, "-c", textwrap.dedent(SCRIPT)], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

