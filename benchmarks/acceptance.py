@@ -127,9 +127,9 @@ def summarise_vllm(spec: dict[str, Any], plain: dict[str, Any] | None) -> dict[s
 def run_vllm(args: argparse.Namespace, drafters: list[str]) -> dict[str, list[dict[str, Any]]]:
     raw: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ["none", *drafters]:
+        for i, name in enumerate(["none", *drafters]):
             path = name if name in ("none", "ngram") else str(_drafter_dir(name))
-            out = Path(tmp) / f"{name}.json"
+            out = Path(tmp) / f"{i}.json"  # a drafter may be named by a path
             cmd = [sys.executable, __file__, "--engine", "vllm", "--target", args.target, "--worker-drafter", path,
                    "--worker-json", str(out), "--prompts", str(args.prompts), "--max-new-tokens",
                    str(args.max_new_tokens), "--num-speculative-tokens", str(args.num_speculative_tokens),
