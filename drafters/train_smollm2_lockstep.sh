@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Train the shipped SmolLM2-135M-Instruct drafters (block 7) in lockstep rounds.
+# How the drafters shipped until 2026-12-06 were trained (block 7, lockstep rounds, full vocabulary).
+# Superseded by drafters/train_smollm2.sh (5x faster trainer recipe, 10x the data); kept so that
+# those drafters stay reproducible until they are replaced.
 #
 # A background builder keeps extending the shared activation cache while `gen-data` is still
 # writing responses. Each round snapshots the cached prefix of the data file, then advances the
 # drafters by ROUND steps in parallel on exactly that snapshot, so they share data and
 # steps. Resumable: rerun the script and every drafter continues from its trainer_state/.
 #
-#   TOTAL=250 ROUND=125 drafters/train_smollm2.sh
-#   ONLY="smollm2-135m-native-dflash-b7" drafters/train_smollm2.sh   # just these (space-separated)
+#   TOTAL=250 ROUND=125 drafters/train_smollm2_lockstep.sh
+#   ONLY="smollm2-135m-native-dflash-b7" drafters/train_smollm2_lockstep.sh   # just these (space-separated)
 #
 # Outputs (git-ignored): work_cache/drafter_runs/<name>/ ; `drafters/publish.py` copies them to
 # drafters/<name>/{config.json,model.safetensors,README.md}.

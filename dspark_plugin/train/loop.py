@@ -186,7 +186,7 @@ def choose_draft_vocab(out: Path, seqs: list[Sequence], size: int, vocab_size: i
     """The draft vocabulary of a run: chosen once from the responses, reused on --resume.
 
     Kept in <out>/draft_vocab.json because the data may grow between resumed rounds
-    (drafters/train_smollm2.sh), while the Markov W2 rows must keep their meaning.
+    (more generated data appended between resumed runs), while the Markov W2 rows must keep their meaning.
     """
     from collections import Counter
 
