@@ -216,16 +216,11 @@ def send(url: str, req: Request, timeout: float = 600.0) -> tuple[int, str | Non
 def group_rss_mib(pgid: int) -> float:
     page = os.sysconf("SC_PAGE_SIZE")
     total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in processes.group_members({pgid}):
         try:
-            stat = (entry / "stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
-                continue
-            total += int((entry / "statm").read_text().split()[1]) * page
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
         except (OSError, ValueError, IndexError):
-            continue
+            continue  # exited meanwhile
     return total / 2**20
 
 

@@ -4,7 +4,7 @@ A vLLM engine is a process tree (API server or offline driver -> EngineCore -> w
 server and engine script the tests and benchmarks start goes through `popen` / `run` here: a new
 session (so one `killpg` reaches the whole tree), `PR_SET_PDEATHSIG` (the kernel signals it when
 the starter dies, even by SIGKILL), and a registry that `stop_all` empties at interpreter exit and on
-SIGTERM / SIGINT / SIGHUP (`install_signal_handlers`, called from tests/conftest.py and the
+SIGTERM / SIGHUP (`install_signal_handlers`, called from tests/conftest.py and the
 benchmarks). tests/vllm/test_nothing_left_behind.py kills a test run and checks.
 """
 from __future__ import annotations
@@ -27,6 +27,23 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def group_members(pgids: set[int]) -> list[int]:
+    """Every process on the machine whose process group is in `pgids` (from /proc)."""
+    from pathlib import Path
+
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[2]) in pgids:  # field 5, after the command in parentheses
+            out.append(int(entry.name))
+    return out
 
 
 def group_alive(pgid: int) -> bool:

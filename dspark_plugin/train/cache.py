@@ -57,11 +57,7 @@ def target_features(target: torch.nn.Module, seqs: list[Sequence], layer_ids: li
 
 
 def log_partition(lm_head: torch.nn.Module, final: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """logsumexp of the target's logits [T] from final hidden states [T, d], in row chunks.
-
-    Computed from the fp16 copy the cache stores, so that probabilities recomputed from the cached
-    `final` sum to one with it.
-    """
+    """logsumexp of the target's logits [T] from final hidden states [T, d], in row chunks."""
     weight = lm_head.weight
     out = []
     with torch.inference_mode():
@@ -150,14 +146,15 @@ def extend_cache(cache: ActivationCache, target: torch.nn.Module, seqs: list[Seq
     if not todo:
         return 0
     bar = tqdm(total=len(todo), desc="activation cache", unit="seq", disable=not progress)
+    lm_head = target.get_output_embeddings()
     for i in range(0, len(todo), shard_size):
         chunk = todo[i : i + shard_size]
         feats = target_features(target, chunk, cache.layer_ids)
         tensors = {}
-        lm_head = target.get_output_embeddings()
         for s, (taps, final) in zip(chunk, feats):
             tensors[f"taps.{s.line}"] = _fp16(taps)
             tensors[f"final.{s.line}"] = _fp16(final)
+            # From the stored fp16 copy, so p_t recomputed from the cached `final` sums to one with it.
             tensors[f"logz.{s.line}"] = log_partition(lm_head, tensors[f"final.{s.line}"]).contiguous()
         name = cache.path / f"lines_{chunk[0].line:07d}_{chunk[-1].line:07d}.safetensors"
         tmp = name.with_suffix(".tmp")

@@ -24,6 +24,7 @@ from dspark_plugin.train.blocks import build_batch
 from dspark_plugin.train.cache import extend_cache, log_partition, open_or_create, target_features
 from dspark_plugin.train.data import Sequence, read_sequences
 from dspark_plugin.train.loss import drafter_loss
+from dspark_plugin.train.prune_vocab import draft_lm_head, select_draft_vocab
 from dspark_plugin.train.state import load_state, save_state
 
 HEADS = ("vanilla", "gated", "rnn", "none")
@@ -185,12 +186,10 @@ def choose_draft_vocab(out: Path, seqs: list[Sequence], size: int, vocab_size: i
                        keep: list[int]) -> torch.Tensor:
     """The draft vocabulary of a run: chosen once from the responses, reused on --resume.
 
-    Kept in <out>/draft_vocab.json because the data may grow between resumed rounds
-    (more generated data appended between resumed runs), while the Markov W2 rows must keep their meaning.
+    Kept in <out>/draft_vocab.json because more generated data may be appended between resumed
+    runs, while the Markov W2 rows must keep their meaning.
     """
     from collections import Counter
-
-    from dspark_plugin.train.prune_vocab import select_draft_vocab
 
     path = out / VOCAB_FILE
     if path.is_file():
@@ -278,10 +277,7 @@ def train(opts: TrainOptions) -> Path:
     target_head = target.get_output_embeddings()
     lm_head = target_head
     if draft_ids is not None:
-        # The target's rows of the draft tokens, frozen like the full head (train/prune_vocab.py).
-        lm_head = torch.nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
-        lm_head.weight.data.copy_(target_head.weight.detach()[draft_ids])
-        lm_head.requires_grad_(False)
+        lm_head = draft_lm_head(target_head.weight, draft_ids)
         drafter.draft_to_target = draft_ids
     drafter.attach_target(target.get_input_embeddings(), lm_head)
     drafter.train()

@@ -57,6 +57,14 @@ def select_draft_vocab(counts: Counter, size: int, vocab_size: int, keep: Iterab
     return torch.tensor(sorted(chosen), dtype=torch.long)
 
 
+def draft_lm_head(target_lm_head: torch.Tensor, ids: torch.Tensor) -> torch.nn.Linear:
+    """The draft vocabulary's LM head: the target's rows of those tokens, frozen."""
+    lm = torch.nn.Linear(target_lm_head.shape[1], int(ids.numel()), bias=False)
+    lm.weight.data.copy_(target_lm_head.detach()[ids])
+    lm.requires_grad_(False)
+    return lm
+
+
 def prune_drafter(drafter_dir: str | Path, target_lm_head: torch.Tensor, ids: torch.Tensor,
                   out_dir: str | Path) -> Path:
     """Write a copy of a full-vocabulary drafter restricted to the target ids `ids`."""
@@ -75,9 +83,7 @@ def prune_drafter(drafter_dir: str | Path, target_lm_head: torch.Tensor, ids: to
     w2 = head.markov_w2.weight.detach()[ids].clone()
     head.markov_w2 = torch.nn.Linear(w2.shape[1], w2.shape[0], bias=False)
     head.markov_w2.weight.data.copy_(w2)
-    lm = torch.nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
-    lm.weight.data.copy_(target_lm_head.detach()[ids])
-    drafter.attach_target(None, lm)
+    drafter.attach_target(None, draft_lm_head(target_lm_head, ids))
     drafter.draft_to_target = ids
     save_drafter(drafter, out_dir, dtype=drafter.dtype)
     for extra in ("dspark_calibration.json", "dspark_sps.json"):  # position-wise, vocabulary-free

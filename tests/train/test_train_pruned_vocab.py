@@ -13,6 +13,7 @@ from dspark_plugin.decode.draft_vocab import to_target_vocab
 from dspark_plugin.train.blocks import build_batch
 from dspark_plugin.train.cache import log_partition, target_features
 from dspark_plugin.train.data import Sequence
+from dspark_plugin.train.prune_vocab import draft_lm_head
 from dspark_plugin.train.loss import BCE_WEIGHT, CE_WEIGHT, L1_WEIGHT, draft_logits, drafter_loss, position_weights
 from dspark_plugin.model.drafter import DSparkDrafter
 from tiny import tiny_drafter_config, tiny_target
@@ -37,10 +38,7 @@ def _pruned_setup(head: str, seed: int = 0):
         for p in drafter.parameters():
             p.normal_(0.0, 0.2)
     full_head = target.get_output_embeddings()
-    rows = torch.nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
-    rows.weight.data.copy_(full_head.weight.detach()[keep])
-    rows.requires_grad_(False)
-    drafter.attach_target(target.get_input_embeddings(), rows)
+    drafter.attach_target(target.get_input_embeddings(), draft_lm_head(full_head.weight, keep))
     drafter.draft_to_target = keep
     feats = target_features(target, seqs, cfg.target_layer_ids)
     feats = [(t, f, log_partition(full_head, f)) for t, f in feats]
