@@ -52,19 +52,6 @@ if __name__ == "__main__":  # vLLM spawns its engine core, which imports this mo
 '''
 
 
-def _process_groups() -> dict[int, int]:
-    """pid -> process group of every process on the machine."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            out[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[2])
-    return out
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -88,7 +75,7 @@ def test_a_killed_test_run_leaves_no_engine_process(tmp_path):
         assert time.monotonic() < deadline, "the engines did not come up in 15 minutes"
         time.sleep(2)
     groups = set(json.loads(groups_file.read_text()))
-    pids = {pid for pid, group in _process_groups().items() if group in groups}
+    pids = set(processes.group_members(groups))
     engines = [p for p in pids if "EngineCore" in _cmdline(p) or "VLLM::" in _cmdline(p)]
     assert len(engines) >= 2, f"expected an engine core in each tree: {[_cmdline(p) for p in pids]}"
 
@@ -96,7 +83,8 @@ def test_a_killed_test_run_leaves_no_engine_process(tmp_path):
     run.wait(timeout=120)
     deadline = time.monotonic() + 60
     while True:
-        left = {pid: _cmdline(pid) for pid, group in _process_groups().items() if group in groups or pid in pids}
+        left = {pid: _cmdline(pid) for pid in set(processes.group_members(groups)) | pids
+                if Path(f"/proc/{pid}").exists()}
         if not left or time.monotonic() > deadline:
             break
         time.sleep(1)
