@@ -41,6 +41,9 @@ DATASETS = {"mt_bench": "MT-Bench", "humaneval": "HumanEval", "gsm8k_test": "GSM
 DRAFTERS = ["smollm2-135m-dspark-vanilla-b7", "smollm2-135m-dspark-rnn-b7", "smollm2-135m-dflash-b7", "ngram"]
 BASELINE = "smollm2-135m-dflash-b7"
 # vLLM's own n-gram (prompt lookup) proposer, measured as a peer in the same run: `ngram`.
+# A drafter named NAME:drafter-only runs without the proposer's context lookup (DSPARK_CONTEXT_LOOKUP=off),
+# so the drafter alone and the product default (drafter + lookup) are measured in one run.
+DRAFTER_ONLY = ":drafter-only"
 NGRAM = {"method": "ngram", "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 SPEC_METRICS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
                 "vllm:spec_decode_num_accepted_tokens", "vllm:spec_decode_num_accepted_tokens_per_pos")
@@ -112,8 +115,14 @@ def summarise_vllm(spec: dict[str, Any], plain: dict[str, Any] | None) -> dict[s
     conditional = [per_pos[k] / (per_pos[k - 1] if k else drafts) if (per_pos[k - 1] if k else drafts) else 0.0
                    for k in range(len(per_pos))]
     new_tokens = sum(len(o) for o in spec["outputs"])
+    # tau counts only the steps that drafted; vLLM's ngram drafts only where it finds a match, so its
+    # tau is conditional on that. Tokens per target forward counts every step: each forward emits
+    # one token plus the drafts it accepted (the prefill's token included; the tail of a request cut
+    # at max_tokens makes it a slight underestimate).
+    forwards = new_tokens - accepted
     report = {"dataset": spec["dataset"], "temperature": spec["temperature"], "prompts": len(spec["outputs"]),
-              "tau": 1 + accepted / drafts if drafts else 1.0, "acceptance": conditional,
+              "tau": 1 + accepted / drafts if drafts else 1.0,
+              "tokens_per_forward": new_tokens / forwards if forwards > 0 else 1.0, "acceptance": conditional,
               "cumulative_acceptance": cumulative, "rounds": drafts, "new_tokens": new_tokens,
               "seconds": spec["seconds"]}
     if spec["temperature"] <= 0 and plain is not None:
@@ -128,7 +137,9 @@ def run_vllm(args: argparse.Namespace, drafters: list[str]) -> dict[str, list[di
     raw: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(["none", *drafters]):
-            path = name if name in ("none", "ngram") else str(_drafter_dir(name))
+            base = name.removesuffix(DRAFTER_ONLY)
+            path = base if base in ("none", "ngram") else str(_drafter_dir(base))
+            env = {**os.environ, "DSPARK_CONTEXT_LOOKUP": "off" if name.endswith(DRAFTER_ONLY) else "on"}
             out = Path(tmp) / f"{i}.json"  # a drafter may be named by a path
             cmd = [sys.executable, __file__, "--engine", "vllm", "--target", args.target, "--worker-drafter", path,
                    "--worker-json", str(out), "--prompts", str(args.prompts), "--max-new-tokens",
@@ -136,7 +147,7 @@ def run_vllm(args: argparse.Namespace, drafters: list[str]) -> dict[str, list[di
                    "--seed", str(args.seed), "--data-dir", str(args.data_dir), "--datasets", *args.datasets,
                    "--temperatures", *map(str, args.temperatures)]
             print(f"[acceptance] {name}: vLLM engine", flush=True)
-            processes.run(cmd, check=True, cwd=REPO)  # its own process group: nothing left behind
+            processes.run(cmd, check=True, cwd=REPO, env=env)  # its own process group: nothing left behind
             raw[name] = json.loads(out.read_text())
     plain = {(r["dataset"], r["temperature"]): r for r in raw.pop("none")}
     return {name: [summarise_vllm(r, plain.get((r["dataset"], r["temperature"]))) for r in rows]
@@ -182,6 +193,7 @@ def table(results: dict[str, list[dict[str, Any]]], datasets: list[str], baselin
             b = base.get((r["dataset"], r["temperature"]))
             rows.append({"drafter": name, "dataset": r["dataset"], "temperature": r["temperature"],
                          "tau": round(r["tau"], 3), "vs_dflash": round(r["tau"] / b, 3) if b else None,
+                         "tokens_per_forward": round(r["tokens_per_forward"], 3) if "tokens_per_forward" in r else None,
                          "greedy_identical": r.get("greedy_identical"),
                          "acc_1_3": [round(x, 2) for x in r["cumulative_acceptance"][:3]]})
     order = {d: i for i, d in enumerate(datasets)}
@@ -246,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     processes.install_signal_handlers()
     if not (Path(args.target) / "config.json").is_file():
         p.error(f"{args.target}: no target model (build it with `dspark prepare-target smollm2-135m --out DIR`)")
-    if args.engine == "reference":  # the reference runner drafts with DSpark drafters only
-        args.drafters = [d for d in args.drafters if d != "ngram"]
-    for name in args.drafters:
+    if args.engine == "reference":  # the reference runner drafts with DSpark drafters only, without lookup
+        args.drafters = list(dict.fromkeys(d.removesuffix(DRAFTER_ONLY) for d in args.drafters if d != "ngram"))
+    for name in (d.removesuffix(DRAFTER_ONLY) for d in args.drafters):
         if name != "ngram" and not (_drafter_dir(name) / "config.json").is_file():
             p.error(f"{_drafter_dir(name)}: no drafter (config.json missing)")
     t0 = time.time()
@@ -262,10 +274,12 @@ def main(argv: list[str] | None = None) -> int:
             **{k: getattr(args, k) for k in ("target", "prompts", "max_new_tokens", "temperatures",
                                               "num_speculative_tokens", "seed", "datasets")}}
     out.write_text(json.dumps({"meta": meta, "table": rows, "results": results}, indent=1) + "\n")
-    print(f"\n{'drafter':34} {'dataset':11} {'T':>4} {'tau':>6} {'/dflash':>8} {'greedy=':>8}  P(>=1,2,3 acc)")
+    print(f"\n{'drafter':48} {'dataset':11} {'T':>4} {'tau':>6} {'tok/fwd':>8} {'/base':>7} {'greedy=':>8}  P(>=1,2,3 acc)")
     for r in rows:
-        print(f"{r['drafter']:34} {r['dataset']:11} {r['temperature']:>4g} {r['tau']:>6.3f} "
-              f"{r['vs_dflash'] if r['vs_dflash'] is not None else '-':>8} {str(r['greedy_identical']):>8}  {r['acc_1_3']}")
+        tpf = r.get("tokens_per_forward")
+        print(f"{r['drafter']:48} {r['dataset']:11} {r['temperature']:>4g} {r['tau']:>6.3f} "
+              f"{tpf if tpf is not None else '-':>8} {r['vs_dflash'] if r['vs_dflash'] is not None else '-':>7} "
+              f"{str(r['greedy_identical']):>8}  {r['acc_1_3']}")
     png = out.with_suffix(".png")
     print(f"\n{len(rows)} runs in {meta['wall_seconds']:.0f} s")
     if plot(results, args.datasets, args.temperatures, png):

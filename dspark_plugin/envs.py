@@ -65,6 +65,9 @@ _VARS: tuple[EnvVar, ...] = (
            "batch and on timing, not only on the seed); `off`: they verify the full block and every step drafts"),
     EnvVar("DSPARK_DRAFT_GATE", "on_off", True,
            "with the scheduler on, skip a step's draft where drafting has been earning fewer tokens/s than not"),
+    EnvVar("DSPARK_CONTEXT_LOOKUP", "on_off", True,
+           "per request, draft a copy of what followed the last occurrence of the current 2-4 token suffix "
+           "(prompt lookup) where it is expected to survive longer than the drafter's block; `off`: the drafter only"),
     EnvVar("DSPARK_DEFER_CONTEXT", "on_off", True,
            "a step without a draft keeps its context K/V for the next draft to write (`off`: written in the step)"),
     EnvVar("DSPARK_CACHE_DIR", "path", None,
@@ -99,6 +102,7 @@ DRAFT_GATE = "DSPARK_DRAFT_GATE"
 ONLINE_SPS = "DSPARK_ONLINE_SPS"
 PLAN_SEEDED = "DSPARK_PLAN_SEEDED"
 DEFER_CONTEXT = "DSPARK_DEFER_CONTEXT"
+CONTEXT_LOOKUP = "DSPARK_CONTEXT_LOOKUP"
 CACHE_DIR = "DSPARK_CACHE_DIR"
 BLOCK_LOOP = "DSPARK_BLOCK_LOOP"
 DISABLE_TRITON = "DSPARK_DISABLE_TRITON"

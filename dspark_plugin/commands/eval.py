@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", choices=["fixed", "early_stop"], default="fixed",
                    help="fixed: verify the whole block; early_stop: confidence-scheduled verify length")
     p.add_argument("--sps", default=None, help="SPS curve file for the scheduler (default: found or measured)")
+    p.add_argument("--context-lookup", action="store_true",
+                   help="also draft copies from the request's own tokens where they should survive longer "
+                        "(what the vLLM proposer does by default)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write the reports here")
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     for data in args.data:
         rep = evaluate(target, tokenizer, drafter, data, args.limit, args.max_new_tokens, args.temperature,
                        args.top_k, args.top_p, args.seed, args.gamma, eos_ids(target, tokenizer),
-                       verify_len_fn=verify_len_fn)
+                       verify_len_fn=verify_len_fn, context_lookup=args.context_lookup)
         reports.append(rep)
         acc = " ".join(f"{a:.2f}" for a in rep.acceptance)
         same = {None: "n/a (sampling)", True: "yes", False: f"NO (prompts {rep.mismatched_prompts})"}
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
               f"speedup={rep.speedup:.2f}x greedy-identical={same[rep.greedy_identical]}")
     if args.json:
         meta = {k: getattr(args, k) for k in ("target", "drafter", "limit", "max_new_tokens", "temperature",
-                                               "top_k", "top_p", "gamma", "seed", "dtype", "scheduler")}
+                                               "top_k", "top_p", "gamma", "seed", "dtype", "scheduler",
+                                               "context_lookup")}
         with open(args.json, "w") as f:
             json.dump({"args": meta, "reports": [dataclasses.asdict(r) for r in reports]}, f, indent=2)
     return 0 if all(r.greedy_identical is not False for r in reports) else 1

@@ -52,14 +52,17 @@ class SchedulerSettings:
     defer_context: bool = True  # a skipped step's context K/V waits for the next draft
     online_sps: bool = True     # no profiled curve: learn it from the served steps
     plan_seeded: bool = False   # seeded sampled requests planned too (else: the full block, always drafted)
+    context_lookup: bool = True  # per request, a copy from its own history where it should survive longer
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> SchedulerSettings:
-    """Read DSPARK_SCHEDULER / DSPARK_SPS / DSPARK_DRAFT_GATE / DSPARK_DEFER_CONTEXT / DSPARK_ONLINE_SPS; a bad value
-    is one error naming the variable (declared and parsed in `dspark_plugin.envs`)."""
+    """Read DSPARK_SCHEDULER / DSPARK_SPS / DSPARK_DRAFT_GATE / DSPARK_DEFER_CONTEXT / DSPARK_ONLINE_SPS /
+    DSPARK_PLAN_SEEDED / DSPARK_CONTEXT_LOOKUP; a bad value is one error naming the variable (declared and
+    parsed in `dspark_plugin.envs`)."""
     return SchedulerSettings(envs.read(envs.SCHEDULER, env), envs.read(envs.SPS, env),
                              envs.read(envs.DRAFT_GATE, env), envs.read(envs.DEFER_CONTEXT, env),
-                             envs.read(envs.ONLINE_SPS, env), envs.read(envs.PLAN_SEEDED, env))
+                             envs.read(envs.ONLINE_SPS, env), envs.read(envs.PLAN_SEEDED, env),
+                             envs.read(envs.CONTEXT_LOOKUP, env))
 
 
 def resolve_mode(requested: str | None, curve: SPSCurve | None, has_confidence: bool,

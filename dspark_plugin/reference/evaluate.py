@@ -85,10 +85,11 @@ def build_verify_len_fn(mode: str, target, target_dir: str | Path, drafter_dir: 
 def evaluate(target, tokenizer, drafter, data: str | Path, limit: int | None = None, max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              gamma: int | None = None, eos: set[int] | None = None, progress: bool = True,
-             verify_len_fn=None) -> DatasetReport:
+             verify_len_fn=None, context_lookup: bool = False) -> DatasetReport:
     prompts = read_prompts(data, limit)
     target_runner = ReferenceRunner(target)
-    spec_runner = ReferenceRunner(target, drafter, gamma=gamma, verify_len_fn=verify_len_fn)
+    spec_runner = ReferenceRunner(target, drafter, gamma=gamma, verify_len_fn=verify_len_fn,
+                                  context_lookup=context_lookup)
     results = []
     for i, text in enumerate(tqdm(prompts, desc=Path(data).stem, disable=not progress, unit="prompt")):
         ids = encode_prompt(tokenizer, text)

@@ -3,7 +3,9 @@
 It is the correctness oracle for the engine adapters: same drafter, heads and verification, no
 engine in between. Each round: draft a full block from the anchor, verify a prefix with one
 target forward, crop the target's KV cache to what was accepted, append the accepted positions'
-tapped states to the drafter's context cache.
+tapped states to the drafter's context cache. With `context_lookup`, each round also looks for a
+copy in the request's own tokens and keeps it where it should survive longer (the same core
+functions as the vLLM proposer: decode/context_lookup, policy/lookup_choice).
 """
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from dspark_plugin.decode.context_lookup import find_continuation
 from dspark_plugin.decode.draft import DraftBlock, draft_block
 from dspark_plugin.decode.sampling import logits_to_probs, sample
 from dspark_plugin.decode.taps import gather_taps
 from dspark_plugin.decode.verify import verify_greedy, verify_rejection
 from dspark_plugin.errors import DSparkError
 from dspark_plugin.model.drafter import ContextCache, DSparkDrafter
+from dspark_plugin.policy.lookup_choice import LookupAcceptance, choose_drafts
 
 # (draft block, gamma) -> how many drafted tokens to verify; the scheduler plugs in here.
 VerifyLenFn = Callable[[DraftBlock, int], int]
@@ -31,6 +35,7 @@ class GenerationResult:
     num_rounds: int = 0                   # target forwards after prefill
     accepted: list[int] = dataclasses.field(default_factory=list)   # drafts accepted per round
     verified: list[int] = dataclasses.field(default_factory=list)   # drafts verified per round
+    copied: int = 0                       # rounds that verified a copy from the context (lookup)
     fallbacks: int = 0                    # rounds where the draft was unusable (non-finite / failed)
     seconds: float = 0.0
 
@@ -63,11 +68,14 @@ def bind_drafter(target: nn.Module, drafter: DSparkDrafter | None, gamma: int | 
 
 class ReferenceRunner:
     def __init__(self, target: nn.Module, drafter: DSparkDrafter | None = None,
-                 gamma: int | None = None, verify_len_fn: VerifyLenFn | None = None):
+                 gamma: int | None = None, verify_len_fn: VerifyLenFn | None = None,
+                 context_lookup: bool = False):
         self.target = target.eval()
         self.drafter = drafter
         self.gamma = bind_drafter(target, drafter, gamma)
         self.verify_len_fn = verify_len_fn
+        # Learned across the requests of this runner, as a server learns across its traffic.
+        self.lookup = LookupAcceptance(self.gamma) if context_lookup and drafter is not None else None
 
     def _forward(self, ids: torch.Tensor, cache, start: int):
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
@@ -119,7 +127,9 @@ class ReferenceRunner:
                 result.accepted.append(0)
                 result.verified.append(0)
                 continue
-            emitted = self._speculative_round(anchor, length, cache, ctx, temperature, top_k, top_p, gen, result)
+            history = ids[0].tolist() + result.tokens if self.lookup is not None else None
+            emitted = self._speculative_round(anchor, length, cache, ctx, temperature, top_k, top_p, gen, result,
+                                              history)
             length += len(emitted)
             result.tokens.extend(emitted)
             if any(t in eos for t in emitted):  # an EOS accepted mid-block ends the request too
@@ -129,12 +139,24 @@ class ReferenceRunner:
         result.seconds = time.perf_counter() - t0
         return result
 
-    def _speculative_round(self, anchor, pos, cache, ctx, temperature, top_k, top_p, gen, result) -> list[int]:
+    def _with_copy(self, block: DraftBlock, history: list[int], temperature: float) -> tuple[DraftBlock, tuple | None]:
+        """The drafter's block, or the context's copy where that should survive longer."""
+        g = self.gamma
+        found = find_continuation(torch.tensor(history).numpy(), g)
+        conf = block.confidence[:, :g] if block.confidence is not None else None
+        probs = block.probs[:, :g] if block.probs is not None else None
+        chosen = choose_drafts(block.tokens[:, :g], conf, probs, [found], self.lookup, sampled=[temperature > 0])
+        return DraftBlock(chosen.tokens, chosen.probs, chosen.confidence, block.ok), chosen.copied[0]
+
+    def _speculative_round(self, anchor, pos, cache, ctx, temperature, top_k, top_p, gen, result,
+                           history: list[int] | None = None) -> list[int]:
         """Draft, verify, and commit one round; returns the emitted tokens (accepted + bonus)."""
-        block = None
+        block, copied = None, None
         try:
             block = draft_block(self.drafter, ctx, anchor, torch.tensor([pos]), temperature, top_k, top_p, gen)
             ok = bool(block.ok[0])
+            if ok and history is not None:
+                block, copied = self._with_copy(block, history, temperature)
         except Exception:  # a failing drafter must never take generation down with it
             ok = False
         n_verify = 0
@@ -160,4 +182,8 @@ class ReferenceRunner:
         result.num_rounds += 1
         result.accepted.append(n_acc)
         result.verified.append(n_verify)
+        if copied is not None and n_verify:
+            verified = min(n_verify, copied[1])
+            self.lookup.observe(copied[0], verified, min(n_acc, verified))
+            result.copied += 1
         return res.emitted(0)

@@ -24,6 +24,13 @@ runner hands the lists to vLLM's scheduler, which schedules exactly those per-re
 slices each request's row of the [B, n] draft probabilities to its count. With async scheduling
 (CUDA) the runner's overlap path needs a [B, n] tensor, so there the full block is verified.
 
+**Context lookup.** Where a request's last 2-4 tokens occurred earlier in it, the tokens that followed
+are a second candidate draft (`decode/context_lookup`); the row keeps whichever is expected to
+survive longer (`policy/lookup_choice`, which also says why that keeps sampling exact). Copied
+tokens get one-hot draft probabilities; their acceptance is learned from the next step's rejected
+counts (`token_history` reads the tokens from the runner's persistent batch). DSPARK_CONTEXT_LOOKUP=off
+turns it off.
+
 **Draft gate.** With the scheduler on, a step may skip the draft altogether (`policy/draft_gate.py`:
 decided from earlier steps' measured tokens/s with and without drafting at this batch size). Its
 context is kept (`deferred_context.py`) and its K/V written, with the other kept steps' and in
@@ -42,13 +49,16 @@ from vllm.forward_context import set_forward_context
 from vllm.logger import init_logger
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
+from dspark_plugin.decode.context_lookup import find_continuation
 from dspark_plugin.decode.draft import DraftBlock, sequential_draft
 from dspark_plugin.policy.draft_gate import DraftGate
 from dspark_plugin.policy.engine_plan import SchedulerSettings, VerifyPlanner, resolve_mode, settings_from_env
+from dspark_plugin.policy.lookup_choice import ChosenDrafts, LookupAcceptance, choose_drafts
 from dspark_plugin.policy.online_step_rate import OnlineStepRate, cache_key, default_path
 from dspark_plugin.policy.step_rate import find_sps_curve
 from dspark_plugin.vllm.deferred_context import DeferredContext, context_slots
 from dspark_plugin.vllm.fault_injection import FaultInjector
+from dspark_plugin.vllm.token_history import RowHistory, row_histories
 
 # Under the "vllm." namespace: vLLM configures handlers for its own loggers only, so INFO lines of
 # any other logger (the scheduler mode at start-up, the periodic statistics) would be dropped.
@@ -108,6 +118,12 @@ class DSparkProposer(DFlashProposer):
             logger.warning("dspark-plugin: DSPARK_FAULT_INJECTION=%s: drafter faults injected on purpose",
                            ",".join(f"{k}:{f}" for k, f in self.faults.faults))
         self.planner = self._make_planner(vllm_config, runner, settings)
+        # Context lookup needs the runner's token history (absent in a bare proposer).
+        self.lookup = LookupAcceptance(block) if settings.context_lookup and runner is not None else None
+        self._copies: dict[str, tuple[int, int]] = {}   # req id -> (suffix length, copy length), last step
+        self.num_copied_rows = 0
+        logger.info("dspark-plugin context lookup: %s", "on" if self.lookup is not None else
+                    "off (DSPARK_CONTEXT_LOOKUP=off)" if not settings.context_lookup else "off (no runner)")
         # Context of skipped steps, written before the next draft (DSPARK_DEFER_CONTEXT=off: at once).
         self.deferred = DeferredContext() if settings.defer_context else None
 
@@ -252,8 +268,9 @@ class DSparkProposer(DFlashProposer):
         t["head_s"] += head_s
         if t["steps"] % TIMING_EVERY == 0:
             logger.info("dspark-plugin timing: %d draft steps, backbone %.2f ms/step, sequential head "
-                        "%.2f ms/step", t["steps"], 1000 * t["backbone_s"] / t["steps"],
-                        1000 * t["head_s"] / t["steps"])
+                        "%.2f ms/step; %d request rows drafted by context lookup%s", t["steps"],
+                        1000 * t["backbone_s"] / t["steps"], 1000 * t["head_s"] / t["steps"], self.num_copied_rows,
+                        f" ({self.lookup.summary()})" if self.lookup is not None else "")
 
     def _no_draft(self, batch: int, why: str) -> torch.Tensor:
         self.planner.skip(batch, self.num_drafts)
@@ -297,6 +314,7 @@ class DSparkProposer(DFlashProposer):
                  next_token_ids, common_attn_metadata, sampling_metadata, num_rejected_tokens_gpu,
                  batch: int, t0: float) -> torch.Tensor | list[list[int]]:
         generators = self._row_generators(sampling_metadata, batch)
+        histories = self._observe_copies(batch, next_token_ids, num_rejected_tokens_gpu)
         # Seeded sampled requests verify the full block every step and every step drafts while one is
         # in the batch: how far a request's drafts are verified decides how much of its random stream
         # the rejection sampler uses, so a planned length (which depends on the other requests and on
@@ -350,12 +368,69 @@ class DSparkProposer(DFlashProposer):
         # rejection sampler and with it the whole batch.
         if bool(((tokens < 0) | (tokens >= self.vocab_size)).any()):
             return self._no_draft(batch, f"draft token ids outside the target's vocabulary of {self.vocab_size}")
-        if block.probs is not None:
-            self._last_draft_probs = block.probs[:, :n].contiguous()
-        self.last_confidence = block.confidence
         if self._runner is not None:
             self.last_req_ids = list(self._runner.input_batch.req_ids[:batch])
-        return self._verify_prefixes(tokens, block.confidence, pinned)
+        confidence = block.confidence[:, :n] if block.confidence is not None else None
+        probs = block.probs[:, :n] if block.probs is not None else None
+        chosen = self._with_copies(tokens, confidence, probs, histories, pinned,
+                                   self._temperatures(sampling_metadata, batch))
+        if chosen.probs is not None:
+            self._last_draft_probs = chosen.probs.contiguous()
+        self.last_confidence = chosen.confidence
+        return self._verify_prefixes(chosen.tokens, chosen.confidence, pinned)
+
+    # -- context lookup --------------------------------------------------------------------
+    def _observe_copies(self, batch: int, next_token_ids: torch.Tensor,
+                        num_rejected_tokens_gpu: torch.Tensor | None) -> list[RowHistory] | None:
+        """Learn from how last step's copies fared; each row's tokens so far (None: lookup off)."""
+        if self.lookup is None:
+            return None
+        copies, self._copies = self._copies, {}
+        try:
+            runner = self._runner
+            rejected = num_rejected_tokens_gpu[:batch].tolist() if num_rejected_tokens_gpu is not None else None
+            mask = getattr(runner, "discard_request_mask", None)
+            histories = row_histories(runner.input_batch, batch, next_token_ids[:batch].tolist(), rejected,
+                                      mask.np[:batch] if mask is not None else None)
+            for req_id, row in zip(runner.input_batch.req_ids[:batch], histories):
+                if req_id in copies and row.verified:
+                    ngram, length = copies[req_id]
+                    verified = min(row.verified, length)
+                    self.lookup.observe(ngram, verified, min(row.accepted, verified))
+            return histories
+        except Exception:  # noqa: BLE001 - lookup is an optimisation: without it, the drafter alone
+            self._lookup_off("reading the token history failed")
+            return None
+
+    def _with_copies(self, tokens: torch.Tensor, confidence: torch.Tensor | None, probs: torch.Tensor | None,
+                     histories: list[RowHistory] | None, pinned: list[bool] | None,
+                     temperature: float | torch.Tensor) -> ChosenDrafts:
+        """Each row's drafts, or its copy where that should survive longer."""
+        plain = ChosenDrafts(tokens, confidence, probs, [None] * tokens.shape[0])
+        if self.lookup is None or histories is None:
+            return plain
+        t0 = time.perf_counter()
+        try:
+            n = tokens.shape[1]
+            # Seeded rows draft from the drafter only: the choice reads other requests' statistics,
+            # and their output must depend on their seed alone.
+            lookups = [find_continuation(row.tokens, n) if row.tokens is not None and not (pinned and pinned[i])
+                       else None for i, row in enumerate(histories)]
+            sampled = ([bool(t > 0) for t in temperature.tolist()] if isinstance(temperature, torch.Tensor)
+                       else [temperature > 0] * len(histories))
+            chosen = choose_drafts(tokens, confidence, probs, lookups, self.lookup, sampled)
+            req_ids = self._runner.input_batch.req_ids
+            self._copies = {req_ids[i]: c for i, c in enumerate(chosen.copied) if c is not None}
+            self.num_copied_rows += len(self._copies)
+        except Exception:  # noqa: BLE001
+            self._lookup_off("choosing copies failed")
+            return plain
+        self._last_draft_s += time.perf_counter() - t0
+        return chosen
+
+    def _lookup_off(self, why: str) -> None:
+        logger.exception("dspark-plugin: context lookup: %s; drafting without it from now on", why)
+        self.lookup, self._copies = None, {}
 
     def _verify_prefixes(self, tokens: torch.Tensor, confidence: torch.Tensor | None,
                          pinned: list[bool] | None = None) -> torch.Tensor | list[list[int]]:

@@ -34,6 +34,18 @@ def test_greedy_equals_target(target_and_reference, head, gamma):
     assert max(accepted) >= 1
 
 
+@pytest.mark.parametrize("head", ["vanilla", "none"])
+def test_greedy_with_context_lookup_equals_target(target_and_reference, head):
+    target, reference = target_and_reference
+    runner = ReferenceRunner(target, tiny_drafter(target, head, block_size=7), context_lookup=True)
+    copied = 0
+    for prompt, expected in zip(PROMPTS, reference):
+        res = runner.generate(prompt, max_new_tokens=64)
+        assert res.tokens == expected, f"prompt {prompt}: speculative output with copies diverged from target-only"
+        copied += res.copied
+    assert copied > 0, "no round verified a copy: the test would not exercise the lookup"
+
+
 def test_greedy_with_eos_stops_like_target():
     target = tiny_target(init=0.3)
     drafter = tiny_drafter(target, "rnn")

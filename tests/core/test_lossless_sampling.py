@@ -101,23 +101,26 @@ def exact_joint(target, prompt, n, temperature, top_k):
     return {k: p for k, p in probs.items() if p > 0}
 
 
-@pytest.mark.parametrize("head,gamma,verify_len,temperature,top_k",
-                         [("vanilla", 7, 2, 1.0, 0), ("rnn", 4, None, 0.8, 4)])
-def test_runner_sampling_matches_target(head, gamma, verify_len, temperature, top_k):
+@pytest.mark.parametrize("head,gamma,verify_len,temperature,top_k,lookup",
+                         [("vanilla", 7, 2, 1.0, 0, False), ("rnn", 4, None, 0.8, 4, False),
+                          ("vanilla", 7, None, 1.0, 0, True)])
+def test_runner_sampling_matches_target(head, gamma, verify_len, temperature, top_k, lookup):
     target = tiny_target(vocab=6, layers=4, init=0.1)
     with torch.no_grad():  # tiny_target's sharp head makes this target ~deterministic: flatten it so
         target.get_output_embeddings().weight.mul_(0.25)  # every token has real mass and the test has power
     drafter = tiny_drafter(target, head, block_size=7, rank=4)
     fn = None if verify_len is None else (lambda block, g: verify_len)
-    runner = ReferenceRunner(target, drafter, gamma=gamma, verify_len_fn=fn)
+    runner = ReferenceRunner(target, drafter, gamma=gamma, verify_len_fn=fn, context_lookup=lookup)
     prompt, trials = [2, 3, 4], 2500
-    observed, accepted = {}, 0
+    observed, accepted, copied = {}, 0, 0
     for seed in range(trials):
         res = runner.generate(prompt, max_new_tokens=3, temperature=temperature, top_k=top_k, seed=seed)
         key = tuple(res.tokens)
         observed[key] = observed.get(key, 0) + 1
         accepted += sum(res.accepted)
+        copied += res.copied
         assert all(a <= (verify_len or gamma) for a in res.accepted)
+    assert copied > 0 or not lookup, "no round verified a copy: the test would not exercise the lookup"
     assert accepted > trials // 4, "drafts were rarely accepted: the test would not exercise acceptance"
     assert len(observed) >= 20, "the target is near-deterministic: the chi-square would have no power"
     assert chi2_pvalue(observed, exact_joint(target, prompt, 3, temperature, top_k), trials) > 0.01

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -124,6 +125,11 @@ def test_fixed_mode_verifies_the_full_block(dspark_run, dspark_server):
     # The worker process pickles each step's drafts into its output; the engine core took them from
     # there (patch drafts_with_output), not by a second round trip.
     assert "dspark-plugin: drafts arrive with the step's output (no extra round trip)" in log
+    # Context lookup is on by default and took part: some rows verified a copy of their own tokens
+    # (the greedy identity above then covers copied drafts too).
+    assert "dspark-plugin context lookup: on" in log
+    copied = [int(m) for m in re.findall(r"(\d+) request rows drafted by context lookup", log)]
+    assert copied and copied[-1] > 0, "no row was drafted by context lookup"
 
 
 # Flat up to B = 4 verified tokens (like this machine's measured curve), then a tenth of a step
