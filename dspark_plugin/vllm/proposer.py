@@ -421,6 +421,9 @@ class DSparkProposer(DFlashProposer):
             chosen = choose_drafts(tokens, confidence, probs, lookups, self.lookup, sampled)
             req_ids = self._runner.input_batch.req_ids
             self._copies = {req_ids[i]: c for i, c in enumerate(chosen.copied) if c is not None}
+            if self._copies and not self.num_copied_rows:  # once: tests and users see that it took part
+                logger.info("dspark-plugin context lookup: first copied draft (%d-token suffix, %d tokens)",
+                            *next(iter(self._copies.values())))
             self.num_copied_rows += len(self._copies)
         except Exception:  # noqa: BLE001
             self._lookup_off("choosing copies failed")

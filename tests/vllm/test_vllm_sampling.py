@@ -327,6 +327,9 @@ def test_scheduled_dspark_samples_match_exact_target_distribution(runs, exact):
     # Drafts were verified, accepted and rejected, and not always the full block.
     assert drafts > 0 and 0 < accepted < tokens < NUM_SPEC * drafts
     assert all(len(s) == MAX_TOKENS for s in runs["sched"]["t1"])
+    # Context lookup (on by default) drafted some sampled rows ("Betty has" -> "only half of ..."):
+    # copies with one-hot draft probabilities went through the rejection sampler too.
+    assert "dspark-plugin context lookup: first copied draft" in runs["log"]
     p, p_two = exact_and_plain_p(runs, "sched", exact)
     assert p > ALPHA and p_two > ALPHA
 
