@@ -21,7 +21,7 @@ class Lookup:
     ngram: int           # length of the suffix that matched
 
 
-def find_continuation(history: np.ndarray, k: int, min_ngram: int = MIN_NGRAM,
+def find_continuation(history: np.ndarray | list[int], k: int, min_ngram: int = MIN_NGRAM,
                       max_ngram: int = MAX_NGRAM) -> Lookup | None:
     """The longest suffix of `history` (max_ngram down to min_ngram tokens) that occurs earlier in it
     -> up to k tokens that followed that occurrence, or None.

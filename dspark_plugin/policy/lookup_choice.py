@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dspark_plugin.decode.context_lookup import MAX_NGRAM, Lookup
+from dspark_plugin.decode.context_lookup import MAX_NGRAM, MIN_NGRAM, Lookup
 
 PRIOR_ACCEPT = 0.7    # vLLM ngram's first draft was accepted 0.60-0.72 of the time on our prompt sets
 PRIOR_WEIGHT = 8.0    # worth this many observed verifications per position
@@ -49,7 +49,14 @@ class LookupAcceptance:
     def summary(self) -> str:
         """First-copy acceptance per suffix length, with its verification count (prior included)."""
         return ", ".join(f"{n}-token suffix: c1 {self.accepted[n, 0] / self.reached[n, 0]:.2f} of "
-                         f"{self.reached[n, 0] - PRIOR_WEIGHT:.0f}" for n in range(2, self.reached.shape[0]))
+                         f"{self.reached[n, 0] - PRIOR_WEIGHT:.0f}" for n in range(MIN_NGRAM, self.reached.shape[0]))
+
+    def observe_copy(self, copied: tuple[int, int], verified: int, accepted: int) -> None:
+        """A step that verified `verified` drafts of a row whose first copy[1] were the copy
+        `copied` = (suffix length, copy length), and accepted `accepted`: only the copy's part counts."""
+        ngram, length = copied
+        verified = min(verified, length)
+        self.observe(ngram, verified, min(accepted, verified))
 
     def observe(self, ngram: int, verified: int, accepted: int) -> None:
         """A copy of which `verified` tokens were checked and the first `accepted` kept."""

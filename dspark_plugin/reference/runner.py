@@ -142,7 +142,7 @@ class ReferenceRunner:
     def _with_copy(self, block: DraftBlock, history: list[int], temperature: float) -> tuple[DraftBlock, tuple | None]:
         """The drafter's block, or the context's copy where that should survive longer."""
         g = self.gamma
-        found = find_continuation(torch.tensor(history).numpy(), g)
+        found = find_continuation(history, g)
         conf = block.confidence[:, :g] if block.confidence is not None else None
         probs = block.probs[:, :g] if block.probs is not None else None
         chosen = choose_drafts(block.tokens[:, :g], conf, probs, [found], self.lookup, sampled=[temperature > 0])
@@ -183,7 +183,6 @@ class ReferenceRunner:
         result.accepted.append(n_acc)
         result.verified.append(n_verify)
         if copied is not None and n_verify:
-            verified = min(n_verify, copied[1])
-            self.lookup.observe(copied[0], verified, min(n_acc, verified))
+            self.lookup.observe_copy(copied, n_verify, n_acc)
             result.copied += 1
         return res.emitted(0)

@@ -394,9 +394,7 @@ class DSparkProposer(DFlashProposer):
                                       mask.np[:batch] if mask is not None else None)
             for req_id, row in zip(runner.input_batch.req_ids[:batch], histories):
                 if req_id in copies and row.verified:
-                    ngram, length = copies[req_id]
-                    verified = min(row.verified, length)
-                    self.lookup.observe(ngram, verified, min(row.accepted, verified))
+                    self.lookup.observe_copy(copies[req_id], row.verified, row.accepted)
             return histories
         except Exception:  # noqa: BLE001 - lookup is an optimisation: without it, the drafter alone
             self._lookup_off("reading the token history failed")
