@@ -37,7 +37,14 @@ Decision per engine step, from measurements of *earlier* steps only:
   compute-bound engine too), so a smaller bucket where not drafting wins means "skip" here, and a
   larger bucket where drafting wins means "draft"; the other choice is then probed every
   `probe_min`-th step until this bucket has its own pairs. With no such neighbour it alternates
-  draft / no draft (each pair then one step apart).
+  draft / no draft (each pair then one step apart);
+- while a bucket holds fewer than `window` pairs, probes come at least every `len(pairs)` steps: a
+  verdict from a few pairs is uncertain, and the first pairs of a server are its least
+  representative (the acceptance statistics and the step-rate curve are still being learned), so
+  a gate that read "no" from its first 8 pairs would otherwise keep that verdict for ~50 steps per
+  new pair, i.e. thousands of steps;
+- the pairs are saved with the learned step-rate curve (`online_step_rate.py`, `to_dict` /
+  `load_dict`), so a restarted server starts from the last run's verdict instead of a warm-up.
 
 Lossless: whether a step verifies anything is decided before any of its draft tokens exist (from
 past steps' timings and survivals), and a step without drafts is plain target decoding.
@@ -185,6 +192,8 @@ class DraftGate:
             draft = ratio >= 1.0
             gap = abs(1.0 - ratio) / max(1.0, ratio)   # the loser's shortfall, relative to the winner
             every = min(self.probe_max, max(self.probe_min, round(gap / PROBE_COST)))
+            if len(stats.pairs) < self.window:
+                every = min(every, max(self.probe_min, len(stats.pairs)))
         else:
             prior = self._prior(b)
             draft, every = (stats.samples[True] <= stats.samples[False], 0) if prior is None else (prior, self.probe_min)
@@ -205,6 +214,29 @@ class DraftGate:
             self._tokens = float(tokens)
             if verified is not None:
                 self._pending = self._pending._replace(verified=int(verified))
+
+    # -- persistence (inside the online curve's entry) -----------------------------------------
+    def to_dict(self) -> dict:
+        """The pairs per bucket: all a restart needs to start from this run's verdict."""
+        return {str(b): [[round(a, 4), round(n, 4)] for a, n in s.pairs]
+                for b, s in sorted(self.buckets.items()) if s.pairs}
+
+    def load_dict(self, d: object, source: str) -> None:
+        """Start from saved pairs; a malformed entry raises ValueError naming the key, and leaves
+        the gate as it was."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: key 'gate': not an object")
+        buckets: dict[int, _Bucket] = {}
+        for b, pairs in d.items():
+            if not (isinstance(b, str) and b.isdigit() and int(b) >= 1 and isinstance(pairs, list)):
+                raise ValueError(f"{source}: key 'gate.{b}': not a bucket of pairs")
+            stats = buckets[int(b)] = _Bucket(self.window)
+            for pair in pairs[-self.window:]:
+                if not (isinstance(pair, list) and len(pair) == 2
+                        and all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in pair)):
+                    raise ValueError(f"{source}: key 'gate.{b}': pair {pair!r} is not two token counts >= 0")
+                stats.pairs.append((float(pair[0]), float(pair[1])))
+        self.buckets = buckets
 
     def summary(self) -> str:
         parts = []

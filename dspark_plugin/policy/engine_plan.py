@@ -111,6 +111,8 @@ class VerifyPlanner:
         self._draft_s: float | None = None
         self._async = AsyncScheduler(None, max_batch_tokens=max_batch_tokens) if mode == "async" else None
         self.gate = gate if mode != "fixed" else None
+        if self.online is not None and self.gate is not None:
+            self._attach_gate(self.online, self.gate)
         self._told_skip = False
         self._verified_last = 0   # drafts handed to vLLM by the last step
         self._step_end: float | None = None  # when the last proposal was handed to the engine
@@ -118,6 +120,19 @@ class VerifyPlanner:
         self.request_steps = 0
         self.verified = 0
         self.gamma = 0
+
+    def _attach_gate(self, online: OnlineStepRate, gate: DraftGate) -> None:
+        """Save the gate's pairs with the learned curve; start from the saved ones, if any (a bad
+        entry is one warning, never a failed start-up)."""
+        online.gate = gate
+        if online.loaded_gate is None:
+            return
+        try:
+            gate.load_dict(online.loaded_gate, f"{online.path}[{online.key}]")
+            if self._log is not None:
+                self._log(f"dspark-plugin draft gate: loaded the last run's pairs ({gate.summary()})")
+        except ValueError as e:
+            online.warn(f"dspark-plugin draft gate: ignoring the saved pairs ({e}); measuring again")
 
     def begin_step(self, batch: int, step_tokens: int, now: float) -> None:
         """A proposal starts: the target step that ran since the last one processed `step_tokens`

@@ -136,6 +136,10 @@ class OnlineStepRate:
         self.max_step_s, self.save_every = max_step_s, save_every
         self.path, self.key, self._warn = path, key, warn
         self.buckets: dict[int, _Bucket] = {}
+        # The draft gate's pairs travel in the same entry (same key: engine / target / drafter /
+        # machine / dtype); `loaded_gate` is what the file held, for the gate to load.
+        self.gate = None
+        self.loaded_gate: dict | None = None
         self.observed = 0       # steps measured in this process
         self.loaded_steps = 0   # steps the loaded file had measured
         self.explorations = 0
@@ -172,11 +176,16 @@ class OnlineStepRate:
             return True
         return False
 
+    def warn(self, message: str) -> None:
+        if self._warn is not None:
+            self._warn(message)
+
     # -- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"key": self.key, "steps": self.loaded_steps + self.observed,
                 "buckets": {str(b): {str(t): [statistics.median(v), len(v)] for t, v in sorted(s.times.items())}
-                            for b, s in sorted(self.buckets.items()) if s.times}}
+                            for b, s in sorted(self.buckets.items()) if s.times},
+                **({"gate": self.gate.to_dict()} if self.gate is not None else {})}
 
     def load_dict(self, d: dict, source: str) -> None:
         """Replace the measurements with a saved entry; a malformed one raises ValueError."""
@@ -196,6 +205,7 @@ class OnlineStepRate:
             stats.last_explore = 0  # measured before: refresh later, not on the first step
         self.buckets = buckets
         self.loaded_steps = int(d.get("steps", 0))
+        self.loaded_gate = d.get("gate")
 
     def load(self) -> bool:
         """Start from the saved entry of this key, if any. Never raises: a bad file is a warning."""
@@ -216,7 +226,7 @@ class OnlineStepRate:
         except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
             if self._warn is not None:
                 self._warn(f"dspark-plugin step rate: ignoring the saved curve in {self.path} ({e}); learning it again")
-            self.buckets, self.loaded_steps = {}, 0
+            self.buckets, self.loaded_steps, self.loaded_gate = {}, 0, None
             return False
 
     def save(self) -> None:

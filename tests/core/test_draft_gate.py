@@ -34,18 +34,32 @@ def probe_interval(rate_a: float, rate_b: float) -> int:
     return min(64, max(4, round(abs(rate_a - rate_b) / max(rate_a, rate_b) / PROBE_COST)))
 
 
+def probes_after(last: int, pairs: int, every: int, steps: int, window: int = 32) -> list[int]:
+    """Steps of the probes after step `last`, a bucket then holding `pairs` pairs: every `every`
+    steps, but at least every `pairs` (>= probe_min = 4) while the bucket has fewer than `window`."""
+    out = []
+    while True:
+        last += min(every, max(4, pairs)) if pairs < window else every
+        if last >= steps:
+            return out
+        out.append(last)
+        pairs += 1
+
+
 def test_warmup_alternates_then_skips_where_drafting_does_not_pay():
     gate = DraftGate(warmup=4)
     # Drafting: 1.2 tokens per request in 50 ms; not drafting: 1 token in 30 ms -> skip is faster.
     choices, _ = run(gate, 200, 16, 0.050, 1.2, 0.030)
     assert choices[:8] == [True, False] * 4  # both windows fill side by side, under the same load
     drafted = [i for i, d in enumerate(choices) if d and i >= 8]
-    # Only the probes draft once it knows; skipping leads by 28%, so a probe every 56 steps.
+    # Only the probes draft once it knows; skipping leads by 28%, so a probe every 56 steps once
+    # the bucket has its window of pairs, every len(pairs) steps before.
     every = probe_interval(16 * 1.2 / 0.05, 16 / 0.03)
-    assert every == 56 and drafted == [7 + every, 7 + 2 * every, 7 + 3 * every]
+    assert every == 56 and drafted == probes_after(7, 4, every, 200)
+    assert drafted[:4] == [11, 16, 22, 29]
     assert gate.skipped == 200 - len(drafted) - 4
     assert gate.buckets[16].ratio == pytest.approx((1.2 / 0.05) / (1 / 0.03))
-    assert len(gate.buckets[16].pairs) == 4 + 3  # warm-up pairs, then one per probe
+    assert len(gate.buckets[16].pairs) == 4 + len(drafted)  # warm-up pairs, then one per probe
 
 
 def test_a_drifting_machine_does_not_make_a_stale_measurement_win():
@@ -55,7 +69,7 @@ def test_a_drifting_machine_does_not_make_a_stale_measurement_win():
     gate = DraftGate(warmup=4)
     choices, _ = run(gate, 400, 16, 0.055 * 1.1, 1.0, 0.055, slowdown=lambda i: 1 + i / 200)
     every = probe_interval(1 / 1.1, 1.0)
-    assert every == 18 and 0 < sum(choices[8:]) <= len(range(7 + every, 400, every))  # the probes only
+    assert every == 18 and 0 < sum(choices[8:]) <= len(probes_after(7, 4, every, 400))  # the probes only
     assert gate.buckets[16].ratio == pytest.approx(1 / 1.1, rel=0.02)
 
 
@@ -66,7 +80,7 @@ def test_drafts_where_drafting_pays_and_probes_a_close_call_often():
     skipped = [i for i, d in enumerate(choices) if not d]
     assert skipped[:4] == [1, 3, 5, 7]
     every = probe_interval(1.4 / 0.04, 1 / 0.03)
-    assert every == 10 and skipped[4:] == list(range(7 + every, 160, every))
+    assert every == 10 and skipped[4:] == probes_after(7, 4, every, 160)
     assert "drafted" in gate.summary() and "R~1" in gate.summary()
 
 
@@ -90,7 +104,8 @@ def test_buckets_follow_the_load():
     gate = DraftGate(warmup=2)
     _, clock = run(gate, 64, 1, 0.045, 2.0, 0.030)          # low load: drafting pays
     choices, clock = run(gate, 64, 32, 0.200, 1.1, 0.120, clock)  # high load: it does not
-    assert sum(choices[-32:]) <= 2
+    probes = [p for p in probes_after(3, 2, 64, 64) if p >= 32]   # a new bucket: few pairs, probed often
+    assert len(probes) == 4 and sum(choices[-32:]) <= len(probes)
     choices, _ = run(gate, 32, 1, 0.045, 2.0, 0.030, clock)     # back to low load: drafts again
     assert sum(choices) >= 30
 

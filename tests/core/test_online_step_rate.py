@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from dspark_plugin.policy.draft_gate import DraftGate
 from dspark_plugin.policy.engine_plan import VerifyPlanner, resolve_mode
 from dspark_plugin.policy.online_step_rate import FILE_VERSION, OnlineStepRate
 
@@ -132,3 +133,37 @@ def test_seeded_rows_verify_the_full_block_whatever_the_plan():
     conf = torch.full((2, 7), 0.6)
     assert planner.plan(conf) == [0, 0]
     assert planner.plan(conf, full_rows=[False, True]) == [0, 7]
+
+
+def test_draft_gate_pairs_are_saved_with_the_curve_and_restart_warm(tmp_path):
+    path = tmp_path / "online_sps.json"
+    first = OnlineStepRate(path=path, key="k", save_every=1000)
+    gate = DraftGate()
+    VerifyPlanner("early_stop", None, online=first, gate=gate)
+    clock = 0.0
+    for i in range(40):   # drafting: 2 tokens in 45 ms; not: 1 in 30 ms
+        drafted = gate.decide(1, clock)
+        gate.emitted(2.0 if drafted else 1.0)
+        clock += 0.045 if drafted else 0.030
+        first.observe(1, 2 if drafted else 1, 0.04)
+    assert len(gate.buckets[1].pairs) >= 8 and gate.buckets[1].ratio > 1.2
+    first.save()
+    logged: list[str] = []
+    second = OnlineStepRate(path=path, key="k")
+    assert second.load()
+    restarted = DraftGate()
+    VerifyPlanner("early_stop", None, online=second, gate=restarted, log=logged.append)
+    saved, kept = restarted.buckets[1], gate.buckets[1]   # its first step already drafts
+    assert len(saved.pairs) == len(kept.pairs) and math.isclose(saved.ratio, kept.ratio, rel_tol=1e-3)
+    assert restarted.decide(1, 0.0) and any("loaded the last run's pairs" in line for line in logged)
+    # A damaged gate entry: one warning naming the file and key; the curve itself still loads.
+    data = json.loads(path.read_text())
+    data["entries"]["k"]["gate"] = {"1": [[1.0, "x"]]}
+    path.write_text(json.dumps(data))
+    warned: list[str] = []
+    third = OnlineStepRate(path=path, key="k", warn=warned.append)
+    assert third.load() and third.buckets
+    fresh = DraftGate()
+    VerifyPlanner("early_stop", None, online=third, gate=fresh)
+    assert not fresh.buckets and len(warned) == 1
+    assert str(path) in warned[0] and "'gate.1'" in warned[0] and "ignoring the saved pairs" in warned[0]
