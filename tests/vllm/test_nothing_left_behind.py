@@ -89,3 +89,49 @@ def test_a_killed_test_run_leaves_no_engine_process(tmp_path):
             break
         time.sleep(1)
     assert not left, f"left behind after SIGTERM: {left}"
+
+
+def _descendants(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def test_a_stopped_data_generation_run_stops_its_engine(tmp_path):
+    """`python -m dspark_plugin.vllm.gen_data` (the data-generation driver, run for hours) sent
+    SIGTERM mid-generation: its EngineCore goes with it (it used to keep running)."""
+    from harness.vllm_testing import vllm_env
+
+    target = build_tiny_target(tmp_path / "target")
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))  # gen_data's length
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me a long story number {i}."}) + "\n" for i in range(512)))
+    log = (tmp_path / "gen.log").open("w")
+    driver = processes.popen([sys.executable, "-m", "dspark_plugin.vllm.gen_data", "--target", str(target),
+                              "--prompts", str(prompts), "--out", str(tmp_path / "out.jsonl"),
+                              "--max-new-tokens", "1500", "--chunk", "512"],
+                             env=vllm_env(), cwd=tmp_path, stdout=log, stderr=log)
+    deadline = time.monotonic() + 600
+    while True:
+        assert driver.poll() is None, f"the driver ended early:\n{(tmp_path / 'gen.log').read_text()[-4000:]}"
+        assert time.monotonic() < deadline, "the engine did not come up in 10 minutes"
+        children = _descendants(driver.pid)
+        if any("EngineCore" in _cmdline(p) or "VLLM::" in _cmdline(p) for p in children) \
+                and "to go" in (tmp_path / "gen.log").read_text():
+            break
+        time.sleep(1)
+    time.sleep(5)   # generating, not starting up
+    assert driver.poll() is None, "generation finished before the signal: the test needs a longer run"
+    os.kill(driver.pid, signal.SIGTERM)   # the driver only, as `kill PID` of a background run does
+    status = driver.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while (left := {p: _cmdline(p) for p in children if Path(f"/proc/{p}").exists() and _cmdline(p)}) \
+            and time.monotonic() < deadline:
+        time.sleep(1)
+    processes.stop_group(driver.pid, grace=5)   # whatever the assertion says, nothing stays for the next test
+    assert not left, f"left behind after SIGTERM to the driver: {left}"
+    assert status == 128 + signal.SIGTERM and "engine processes stopped" in (tmp_path / "gen.log").read_text()
