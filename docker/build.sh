@@ -111,8 +111,9 @@ if [ "$ENGINE" = podman ]; then
       esac
     done
   done < <("${PYTHON:-python3}" -m pip config list 2>/dev/null | sed -E "s/^[^=]*='?//; s/'$//")
-  for f in "${PIP_CERT:-}" "${SSL_CERT_FILE:-}" "${REQUESTS_CA_BUNDLE:-}"; do [ -n "$f" ] && mount_ro "$f"; done
-  for v in PIP_FIND_LINKS; do [ -n "${!v:-}" ] && mount_ro "${!v}"; done
+  for f in "${PIP_CERT:-}" "${SSL_CERT_FILE:-}" "${REQUESTS_CA_BUNDLE:-}" "${PIP_FIND_LINKS:-}"; do
+    if [ -n "$f" ]; then mount_ro "$f"; fi
+  done
 fi
 log "$ENGINE ${ARGS[*]} $CTX"
 start=$(date +%s)
