@@ -117,6 +117,8 @@ class VerifyPlanner:
         self._verified_last = 0   # drafts handed to vLLM by the last step
         self._step_end: float | None = None  # when the last proposal was handed to the engine
         self.steps = 0
+        self.skipped_steps = 0
+        self.skipped_s = 0.0
         self.request_steps = 0
         self.verified = 0
         self.gamma = 0
@@ -172,8 +174,12 @@ class VerifyPlanner:
         if self.gate is not None:
             self.gate.reset()
 
-    def skip(self, batch: int, gamma: int) -> None:
-        """A step that verifies no drafts (gate closed, or the draft failed)."""
+    def skip(self, batch: int, gamma: int, seconds: float | None = None) -> None:
+        """A step that verifies no drafts (gate closed, or the draft failed); `seconds`: what the
+        proposer spent on it (the plugin's own cost of a step the gate skipped)."""
+        if seconds is not None:
+            self.skipped_steps += 1
+            self.skipped_s += seconds
         if self.gate is not None:
             self.gate.emitted(batch, verified=0)
             if self.gate.skipped == 1 and self._log is not None and not self._told_skip:
@@ -229,4 +235,6 @@ class VerifyPlanner:
                 f"length {self.mean_verified:.2f} of {self.gamma} per request, mean batch "
                 f"{self.request_steps / max(1, self.steps):.1f} requests"
                 + (f"; {self.gate.summary()}" if self.gate is not None else "")
+                + (f"; proposer {1000 * self.skipped_s / self.skipped_steps:.2f} ms per step without a draft"
+                   if self.skipped_steps else "")
                 + (f"; {self.online.summary()}" if self.online is not None else ""))

@@ -314,7 +314,9 @@ class DSparkProposer(DFlashProposer):
                  next_token_ids, common_attn_metadata, sampling_metadata, num_rejected_tokens_gpu,
                  batch: int, t0: float) -> torch.Tensor | list[list[int]]:
         generators = self._row_generators(sampling_metadata, batch)
-        histories = self._observe_copies(batch, next_token_ids, num_rejected_tokens_gpu)
+        # Token histories cost a copy per row: read them only to score last step's copies or to draft.
+        histories = (self._observe_copies(batch, next_token_ids, num_rejected_tokens_gpu)
+                     if self._copies else None)
         # Seeded sampled requests verify the full block every step and every step drafts while one is
         # in the batch: how far a request's drafts are verified decides how much of its random stream
         # the rejection sampler uses, so a planned length (which depends on the other requests and on
@@ -341,8 +343,10 @@ class DSparkProposer(DFlashProposer):
                 self._skip_context(target_token_ids, target_positions, target_hidden_states,
                                    next_token_ids, common_attn_metadata, num_rejected_tokens_gpu)
                 if num_speculative_tokens > 0:
-                    self.planner.skip(batch, self.num_drafts)
+                    self.planner.skip(batch, self.num_drafts, seconds=time.perf_counter() - t0)
                 return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
+            if histories is None:
+                histories = self._observe_copies(batch, next_token_ids, num_rejected_tokens_gpu)
             fault = self.faults.draw() if self.faults is not None else None
             self._write_deferred()
             inputs = self._context(target_token_ids, target_positions, target_hidden_states,

@@ -36,7 +36,8 @@ def probe_interval(rate_a: float, rate_b: float) -> int:
 
 def probes_after(last: int, pairs: int, every: int, steps: int, window: int = 32) -> list[int]:
     """Steps of the probes after step `last`, a bucket then holding `pairs` pairs: every `every`
-    steps, but at least every `pairs` (>= probe_min = 4) while the bucket has fewer than `window`."""
+    steps, but at least every `pairs` (>= probe_min = 4) while the bucket has fewer than `window`
+    (and its gap is below EARLY_PROBE_GAP, as in every test using this)."""
     out = []
     while True:
         last += min(every, max(4, pairs)) if pairs < window else every
@@ -71,6 +72,16 @@ def test_a_drifting_machine_does_not_make_a_stale_measurement_win():
     every = probe_interval(1 / 1.1, 1.0)
     assert every == 18 and 0 < sum(choices[8:]) <= len(probes_after(7, 4, every, 400))  # the probes only
     assert gate.buckets[16].ratio == pytest.approx(1 / 1.1, rel=0.02)
+
+
+def test_a_wide_gap_read_from_few_pairs_is_not_probed_early():
+    # Drafting earns half of not drafting (10 requests: 1.1 tokens each in 66 ms vs 1 in 30 ms):
+    # a verdict few pairs cannot overturn, so probes come at the gap's interval from the start.
+    gate = DraftGate(warmup=4)
+    choices, _ = run(gate, 200, 16, 0.066, 1.1, 0.030)
+    every = probe_interval(16 * 1.1 / 0.066, 16 / 0.03)
+    assert every == 64
+    assert [i for i, d in enumerate(choices) if d and i >= 8] == [7 + every * k for k in (1, 2, 3)]
 
 
 def test_drafts_where_drafting_pays_and_probes_a_close_call_often():
@@ -213,6 +224,11 @@ def test_planner_feeds_the_gate_expected_tokens_and_counts_skips_as_zero_verifie
     p2.should_draft(3, 0.05, rejected=verified - 1)
     assert gate2.buckets[3].run == [(4.0, pytest.approx(0.05))]
     assert planner.request_steps == 6 and planner.verified == sum(lengths)
+    # The proposer's own time on steps without a draft is in the summary (the plugin's overhead then).
+    assert "without a draft" not in planner.summary()
+    planner.skip(3, 7, seconds=0.002)
+    planner.skip(3, 7, seconds=0.004)
+    assert "proposer 3.00 ms per step without a draft" in planner.summary()
     assert logged == ["dspark-plugin draft gate: first step without a draft (batch of 3)"]
     assert "draft gate: drafted 1 of 2 steps" in planner.summary()
 
