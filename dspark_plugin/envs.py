@@ -85,7 +85,7 @@ _VARS: tuple[EnvVar, ...] = (
     EnvVar("DSPARK_KERNELS_TWO_LAUNCH", "flag", False,
            "1: the split Markov-step kernel merges its partials in a second launch instead of the atomic ticket"),
     EnvVar("DSPARK_DISABLE_PATCHES", "names", frozenset(),
-           "vLLM patches (file names in `dspark_plugin/vllm/patches/`) not to install",
+           "engine patches not to install (file names in `dspark_plugin/vllm/patches/` or `dspark_plugin/sglang/patches/`)",
            default_text="none"),
     EnvVar("DSPARK_FAULT_INJECTION", "faults", (),
            "tests only: make the vLLM proposer fail on purpose on a fraction of draft steps; kinds "

@@ -1,0 +1,301 @@
+"""The PLUGIN_DSPARK speculative worker for SGLang (first version: CPU, synchronous, one drafter context per request).
+
+SGLang builds it as `DSparkPluginWorker(server_args=, gpu_id=, nccl_port=, target_worker=)` and calls
+`forward_batch_generation(batch)` once per scheduler step, on SGLang's V2 schema without overlap:
+- extend (prefill, each chunk): the target forward through SGLang's own worker, with the drafter's
+  tapped layers captured by the target model itself (`set_dflash_layers_to_capture`: the output of
+  decoder layer l, DSpark's tap); the taps become the drafter's context K/V.
+- decode: per request, the core drafts a block from the last committed token (the anchor):
+  `drafter.block_hidden` (one non-causal pass over [anchor, mask, ...]) and `sequential_draft` (the
+  sequential head, greedy or sampled); the target verifies [anchor, d_1 .. d_g] in one TARGET_VERIFY
+  forward (SGLang's worker and KV pool: the scheduler reserved the slots, `eagle_prepare_for_decode`),
+  the core's `verify_greedy` / `verify_rejection` accepts a prefix plus one token from the target,
+  and the taps of the committed positions extend the drafter's context.
+Drafter, heads, drafting and verification are the core's (dspark_plugin.model / decode); this file
+only moves tensors between them and SGLang.
+
+Sampled requests (temperature / top-k / top-p) are drafted by the core's sampler and accepted by
+its rejection sampling against the distribution SGLang's own sampler uses (`sglang_target_probs`).
+Known limits of this version (the adapter issue's part 2 lists the rest): min-p, logit bias, penalties,
+grammars, custom logit processors and per-request seeds are refused with one error (which stops
+the server: SGLang's scheduler does not survive a worker exception); the drafter's context K/V is a
+per-request core `ContextCache`, not SGLang's paged pool; every step drafts and verifies the full block (no verify
+planner or draft gate yet); the radix cache is off (a prefix hit would skip the prompt's taps).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("sglang.dspark_plugin.worker")
+
+
+class _TargetHead(nn.Module):
+    """The target's LM head as the core expects one: hidden [.., d] -> logits [.., V] (unquantized)."""
+
+    def __init__(self, weight: torch.Tensor, vocab_size: int):
+        super().__init__()
+        self.weight = weight
+        self.vocab_size = vocab_size
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(h.to(self.weight.dtype), self.weight)[..., : self.vocab_size]
+
+
+def sglang_target_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [.., V] -> the distribution SGLang's own sampler draws the next token from (pytorch sampling
+    backend, `top_k_top_p_min_p_sampling_from_probs_torch`): softmax(logits / T), then, over the tokens
+    sorted by probability, keep rank < top_k and those whose preceding mass (of the *unfiltered*
+    probabilities) is <= top_p, renormalised. Rejection sampling against exactly this keeps the output
+    distribution the plain server's (the core's `logits_to_probs` filters top-p after top-k, which
+    differs when both are set)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    ranks = torch.arange(probs.shape[-1], device=probs.device)
+    drop = (ranks >= top_k) | (before > top_p)
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+class DSparkPluginWorker:
+    """Placeholder where SGLang is not installed; replaced below by the real worker, a subclass of
+    SGLang's `BaseSpecWorker` built at import time (algorithm.py imports this module lazily, from a
+    scheduler, so the core and the vLLM environment never need SGLang)."""
+
+
+def _build_worker_class() -> type:
+    from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+
+    class _Worker(BaseSpecWorker):
+        def __init__(self, server_args: Any, gpu_id: int, nccl_port: int, target_worker: Any):
+            super().__init__()
+            from sglang.srt.runtime_context import get_device, get_spec
+
+            from dspark_plugin.checkpoint.deepspec import check_against_target, load_drafter
+
+            self.server_args = server_args
+            self._target_worker = target_worker
+            self._draft_worker = None
+            self.model_runner = target_worker.model_runner
+            self.device = get_device().device
+            self.num_draft_tokens = int(get_spec().speculative_num_draft_tokens)
+            target = self.model_runner.model
+            config = self.model_runner.model_config.hf_config
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            drafter = load_drafter(get_spec().speculative_draft_model_path, dtype=torch.float32, device="cpu")
+            check_against_target(drafter.cfg, int(text.vocab_size), int(text.hidden_size),
+                                 int(text.num_hidden_layers))
+            if drafter.num_drafts + 1 != self.num_draft_tokens:
+                raise ValueError(f"PLUGIN_DSPARK: --speculative-num-draft-tokens {self.num_draft_tokens} must be the "
+                                 f"drafter's drafts per block + 1 = {drafter.num_drafts + 1}")
+            if drafter.draft_to_target is not None:
+                raise ValueError("PLUGIN_DSPARK: pruned draft vocabularies are not served yet")
+            drafter.attach_target(target.model.embed_tokens, _TargetHead(target.lm_head.weight, int(text.vocab_size)))
+            self.drafter = drafter
+            # The target returns the drafter's taps (decoder-layer outputs) as packed aux hidden states.
+            target.set_dflash_layers_to_capture(list(drafter.cfg.target_layer_ids))
+            self.caches: dict[str, Any] = {}   # rid -> core ContextCache (taps of committed positions)
+            self._prefilled: set[str] = set()   # rids prefilled since the last decode step
+            self.generator = torch.Generator().manual_seed(int(server_args.random_seed or 0))   # drafts, acceptance
+            logger.info("PLUGIN_DSPARK: drafter %s (%s head, %d drafts per block)",
+                        get_spec().speculative_draft_model_path, drafter.cfg.markov_head_type, drafter.num_drafts)
+
+        # -- what SGLang's scheduler asks of every speculative worker ------------------------------
+        def alloc_memory_pool(self, **kwargs: Any) -> None:
+            self.req_to_token_pool, self.token_to_kv_pool_allocator = self._target_worker.get_memory_pool()
+
+        @property
+        def draft_worker(self) -> None:
+            return None   # no SGLang draft model runner: the core drafts
+
+        def clear_cache_pool(self) -> None:
+            self.caches.clear()
+
+        # -- the drafter's context ----------------------------------------------------------------
+        def _append_context(self, rid: str, taps: torch.Tensor, start: int) -> None:
+            from dspark_plugin.model.drafter import ContextCache
+
+            cache = self.caches.get(rid)
+            if cache is None or start == 0:
+                cache = self.caches[rid] = ContextCache(1)
+            if int(cache.lengths[0]) != start:
+                raise RuntimeError(f"PLUGIN_DSPARK: request {rid}: drafter context holds {int(cache.lengths[0])} "
+                                   f"positions, the target committed {start} (a prefix-cache hit?)")
+            n = taps.shape[0]
+            positions = torch.arange(start, start + n)[None]
+            with torch.no_grad():
+                kv = self.drafter.context_kv(taps[None].float(), positions)
+            cache.append(kv, torch.tensor([n]))
+
+        def _forget_finished(self, batch: Any) -> None:
+            """Drop the context of requests that left: not in this decode batch and not prefilled since
+            the last decode (a request prefilled in the step before joins the running batch next)."""
+            live = {req.rid for req in batch.reqs} | self._prefilled
+            for rid in [r for r in self.caches if r not in live]:
+                del self.caches[rid]
+            self._prefilled.clear()
+
+        def _sampling_params(self, batch: Any) -> list[tuple[float, int, float]]:
+            """(temperature, top_k, top_p) per request in the core's terms (temperature 0 = greedy; top_k 0 =
+            all); one error naming what this version does not serve yet."""
+            info = batch.sampling_info
+            unsupported = [name for name, on in (
+                ("min_p", info.need_min_p_sampling), ("logit_bias", info.logit_bias is not None),
+                ("custom logit processors", info.has_custom_logit_processor),
+                ("grammars", bool(info.grammars) and any(g is not None for g in info.grammars)),
+                ("penalties", info.penalizer_orchestrator is not None and info.penalizer_orchestrator.is_required),
+                ("seeded sampling", info.sampling_seed is not None)) if on]
+            if unsupported:
+                raise ValueError(f"PLUGIN_DSPARK (this version) does not serve requests with {', '.join(unsupported)}")
+            out = []
+            vocab = int(info.vocab_size)
+            for t, k, p in zip(info.temperatures.view(-1).tolist(), info.top_ks.view(-1).tolist(),
+                               info.top_ps.view(-1).tolist()):
+                if k <= 1:   # SGLang's greedy: temperature 0 becomes top_k 1 (sampling_params.py)
+                    out.append((0.0, 0, 1.0))
+                else:
+                    out.append((float(t), 0 if k >= vocab else int(k), float(p)))
+            return out
+
+        # -- one scheduler step -------------------------------------------------------------------
+        def forward_batch_generation(self, batch: Any, on_publish: Any = None, pp_proxy_tensors: Any = None,
+                                     **kwargs: Any) -> Any:
+            if batch.forward_mode.is_extend():
+                return self._prefill(batch, on_publish)
+            if batch.forward_mode.is_idle():
+                raise RuntimeError("PLUGIN_DSPARK: idle batches (data-parallel attention) are not served")
+            return self._decode(batch, on_publish)
+
+        def _prefill(self, batch: Any, on_publish: Any) -> Any:
+            from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
+            from sglang.srt.speculative.ngram_info import NgramVerifyInput
+
+            result = self._target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
+            taps = result.logits_output.hidden_states
+            if taps is None:
+                raise RuntimeError("PLUGIN_DSPARK: the target returned no tapped hidden states")
+            start = 0
+            for req, prefix, n in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
+                self._append_context(req.rid, taps[start:start + n], int(prefix))
+                self._prefilled.add(req.rid)
+                start += n
+            result.logits_output.hidden_states = None
+            bs = len(batch.reqs)
+            predict = result.next_token_ids
+            new_seq_lens = batch.seq_lens.clone()
+            accept_tokens = torch.zeros(bs, self.num_draft_tokens, dtype=torch.int32, device=self.device)
+            accept_tokens[:, 0] = predict
+            accept_lens = torch.ones(bs, dtype=torch.int32, device=self.device)
+            if on_publish is not None:
+                on_publish(new_seq_lens)
+            result.accept_lens = accept_lens
+            result.new_seq_lens = new_seq_lens
+            result.speculative_num_draft_tokens = self.num_draft_tokens
+            result.next_draft_input = NgramVerifyInput(draft_token_num=self.num_draft_tokens, new_seq_lens=new_seq_lens,
+                                                       accept_tokens=accept_tokens.flatten(), accept_lens=accept_lens)
+            return result
+
+        def _decode(self, batch: Any, on_publish: Any) -> Any:
+            from sglang.srt.managers.utils import GenerationBatchResult
+            from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
+            from sglang.srt.speculative.ngram_info import NgramVerifyInput
+
+            from dspark_plugin.decode.draft import sequential_draft
+            from dspark_plugin.decode.verify import verify_greedy, verify_rejection
+
+            params = self._sampling_params(batch)
+            self._forget_finished(batch)
+            bs, n = len(batch.reqs), self.num_draft_tokens
+            seq_lens = batch.seq_lens.to(torch.int64)
+            anchors = torch.tensor([req.output_ids[-1] for req in batch.reqs], dtype=torch.int64)
+
+            # 1) Draft, per request, from its committed context.
+            blocks = []
+            with torch.no_grad():
+                for i, req in enumerate(batch.reqs):
+                    cache = self.caches[req.rid]
+                    h = self.drafter.block_hidden(cache, anchors[i:i + 1], seq_lens[i:i + 1].cpu())
+                    temperature, top_k, top_p = params[i]
+                    blocks.append(sequential_draft(self.drafter, h, anchors[i:i + 1], temperature, top_k, top_p,
+                                                   self.generator))
+            draft_tokens = torch.cat([b.tokens for b in blocks], 0)             # [bs, g]
+            verify_ids = torch.cat([anchors[:, None], draft_tokens], 1)          # [bs, g+1]
+
+            # 2) Verify in one target forward over the slots the scheduler reserved.
+            req_to_token = batch.req_to_token_pool.req_to_token
+            offsets = torch.arange(n, device=seq_lens.device)
+            cols = seq_lens[:, None] + offsets[None]                            # [bs, n] positions
+            rows = batch.req_pool_indices.to(torch.int64)[:, None].expand(bs, n)
+            out_cache_loc = req_to_token[rows, cols].reshape(-1).to(torch.int64)
+            positions = cols.reshape(-1)
+            saved = (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.spec_info, batch.seq_lens,
+                     batch.seq_lens_cpu, batch.seq_lens_sum)
+            spec = NgramVerifyInput(draft_token=verify_ids.reshape(-1), positions=positions, draft_token_num=n,
+                                    new_seq_lens=seq_lens)
+            spec.capture_hidden_mode = CaptureHiddenMode.FULL
+            batch.forward_mode = ForwardMode.TARGET_VERIFY
+            batch.input_ids = verify_ids.reshape(-1).to(self.device)
+            batch.out_cache_loc = out_cache_loc
+            batch.spec_info = spec
+            try:
+                fb = ForwardBatch.init_new(batch, self.model_runner, capture_hidden_mode=CaptureHiddenMode.FULL,
+                                           return_hidden_states_before_norm=False)
+                # torch_native reads K/V through req_to_token[:seq_len] with the verify tokens as an extend
+                # of n after the committed prefix: it needs the extend view, which TARGET_VERIFY leaves unset.
+                fb.positions = positions
+                fb.seq_lens = seq_lens + n
+                fb.seq_lens_cpu = fb.seq_lens.cpu()
+                fb.seq_lens_sum = int(fb.seq_lens_cpu.sum())
+                fb.extend_prefix_lens = seq_lens.to(torch.int32)
+                fb.extend_seq_lens = torch.full((bs,), n, dtype=torch.int32)
+                fb.extend_prefix_lens_cpu = seq_lens.tolist()
+                fb.extend_seq_lens_cpu = [n] * bs
+                fb.extend_num_tokens = bs * n
+                fb.extend_start_loc = torch.arange(0, bs * n, n, dtype=torch.int32)
+                out = self._target_worker.forward_batch_generation(batch=None, forward_batch=fb, is_verify=True)
+            finally:
+                (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.spec_info, batch.seq_lens,
+                 batch.seq_lens_cpu, batch.seq_lens_sum) = saved
+            logits = out.logits_output.next_token_logits.view(bs, n, -1)
+            taps = out.logits_output.hidden_states.view(bs, n, -1)
+            out.logits_output.hidden_states = None
+
+            # 3) Accept (the core's verification: greedy, or rejection sampling against SGLang's target
+            # distribution for the request's temperature / top-k / top-p) and extend the drafter's context.
+            rows = []
+            for i, block in enumerate(blocks):
+                temperature, top_k, top_p = params[i]
+                everything = torch.full((1,), n - 1)
+                if temperature <= 0:
+                    rows.append(verify_greedy(block.tokens, logits[i:i + 1].float(), everything))
+                else:
+                    target_probs = sglang_target_probs(logits[i:i + 1], temperature, top_k or logits.shape[-1], top_p)
+                    rows.append(verify_rejection(block.tokens, block.probs, target_probs, everything, self.generator))
+            tokens = torch.cat([r.tokens for r in rows], 0)
+            accept_lens = (torch.cat([r.num_accepted for r in rows], 0) + 1).to(torch.int32)   # drafts kept + 1
+            accept_tokens = torch.where(tokens >= 0, tokens, torch.zeros_like(tokens)).to(torch.int32)
+            for i, req in enumerate(batch.reqs):
+                k = int(accept_lens[i])
+                self._append_context(req.rid, taps[i, :k], int(seq_lens[i]))   # anchor + accepted drafts
+            new_seq_lens = (seq_lens + accept_lens).to(batch.seq_lens.dtype)
+            if on_publish is not None:
+                on_publish(new_seq_lens)
+            next_draft_input = NgramVerifyInput(draft_token_num=n, new_seq_lens=new_seq_lens,
+                                                accept_tokens=accept_tokens.flatten(), accept_lens=accept_lens)
+            return GenerationBatchResult(logits_output=out.logits_output, next_token_ids=accept_tokens.flatten(),
+                                         can_run_cuda_graph=False, accept_lens=accept_lens, new_seq_lens=new_seq_lens,
+                                         next_draft_input=next_draft_input, speculative_num_draft_tokens=n)
+
+    _Worker.__name__ = _Worker.__qualname__ = "DSparkPluginWorker"
+    return _Worker
+
+
+try:   # only where SGLang is installed; algorithm.py imports this module lazily, from a scheduler
+    DSparkPluginWorker = _build_worker_class()  # type: ignore[misc]  # noqa: F811
+except ImportError:   # pragma: no cover - documentation builds without SGLang
+    pass
