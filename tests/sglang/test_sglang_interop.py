@@ -13,7 +13,6 @@ and it has no pruned draft vocabulary (`draft_vocab_size` + `d2t`).
 """
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, distribution
 import json
 import os
 import sys
@@ -21,18 +20,12 @@ from pathlib import Path
 
 import pytest
 
-
-def _sglang_installed() -> bool:
-    try:
-        distribution("sglang")
-    except PackageNotFoundError:
-        return False
-    return True
+from dspark_plugin.sglang.versions import installed_sglang
 
 
 # Asked of the installed distributions, not the import system: under pytest this directory
 # (tests/sglang/) can itself be found as a namespace package named `sglang`.
-if not _sglang_installed():
+if installed_sglang().version is None:
     pytest.skip("sglang is not installed (the SGLang tests run in their own venv, .venv-sglang)",
                 allow_module_level=True)
 

@@ -8,7 +8,6 @@ in a subprocess per case (importing SGLang: ~15-30 s each on the 2-core machine)
 is not installed (the vLLM venv runs the same tests/ tree)."""
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, distribution
 import json
 import os
 import py_compile
@@ -21,18 +20,12 @@ from pathlib import Path
 
 import pytest
 
-
-def _sglang_installed() -> bool:
-    try:
-        distribution("sglang")
-    except PackageNotFoundError:
-        return False
-    return True
+from dspark_plugin.sglang.versions import installed_sglang
 
 
 # Asked of the installed distributions, not the import system: under pytest this directory
 # (tests/sglang/) can itself be found as a namespace package named `sglang`.
-if not _sglang_installed():
+if installed_sglang().version is None:
     pytest.skip("sglang is not installed (the SGLang tests run in their own venv, .venv-sglang)",
                 allow_module_level=True)
 

@@ -11,22 +11,15 @@ import os
 import sys
 import time
 import urllib.request
-from importlib.metadata import PackageNotFoundError, distribution
 
 import pytest
 
-
-def _sglang_installed() -> bool:
-    try:
-        distribution("sglang")
-    except PackageNotFoundError:
-        return False
-    return True
+from dspark_plugin.sglang.versions import installed_sglang
 
 
 # Asked of the installed distributions, not the import system: under pytest this directory
 # (tests/sglang/) can itself be found as a namespace package named `sglang`.
-if not _sglang_installed():
+if installed_sglang().version is None:
     pytest.skip("sglang is not installed (the SGLang tests run in their own venv, .venv-sglang)",
                 allow_module_level=True)
 
