@@ -16,15 +16,19 @@ only moves tensors between them and SGLang.
 
 Sampled requests (temperature / top-k / top-p) are drafted by the core's sampler and accepted by
 its rejection sampling against the distribution SGLang's own sampler uses (`sglang_target_probs`).
-Known limits of this version (the adapter issue's part 2 lists the rest): min-p, logit bias, penalties,
-grammars, custom logit processors and per-request seeds are refused with one error (which stops
-the server: SGLang's scheduler does not survive a worker exception); the drafter's context K/V is a
+A request with min-p, a logit bias, penalties, min_new_tokens, a grammar or a custom logit processor (and
+every request under --enable-deterministic-inference) is decoded without drafts: its row of the verify forward is read at position 0 only
+(the logits a plain decode step computes) and SGLang's own sampler draws its token there, with its
+penalties, bias, grammar mask and seed (`_plain_tokens`), so it gets exactly what a server without
+speculation gives; the other requests of the batch are drafted as usual.
+Known limits of this version (the adapter issue's part 2 lists the rest): the drafter's context K/V is a
 per-request core `ContextCache`, not SGLang's paged pool; every step drafts and verifies the full block (no verify
 planner or draft gate yet); the radix cache is off (a prefix hit would skip the prompt's taps).
 """
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -45,6 +49,20 @@ class _TargetHead(nn.Module):
         return nn.functional.linear(h.to(self.weight.dtype), self.weight)[..., : self.vocab_size]
 
 
+class _TargetParts(nn.Module):
+    """What `load_drafter(target=...)` reads of a target: its text config, input embedding and output head."""
+
+    def __init__(self, config: Any, embed_tokens: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.config, self.embed_tokens, self.lm_head = config, embed_tokens, lm_head
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+
 def sglang_target_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """logits [.., V] -> the distribution SGLang's own sampler draws the next token from (pytorch sampling
     backend, `top_k_top_p_min_p_sampling_from_probs_torch`): softmax(logits / T), then, over the tokens
@@ -62,6 +80,49 @@ def sglang_target_probs(logits: torch.Tensor, temperature: float, top_k: int, to
     return kept / kept.sum(-1, keepdim=True)
 
 
+class _StepTiming:
+    """Where a decode step's time goes, logged every `every` steps: drafting, the verify forward, acceptance
+    and context (the numbers a verify planner for this worker would start from)."""
+
+    def __init__(self, every: int = 256):
+        self.every = every
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = self.rows = self.tokens = 0
+        self.draft_s = self.verify_s = self.accept_s = 0.0
+
+    def add(self, rows: int, tokens: int, draft_s: float, verify_s: float, accept_s: float) -> None:
+        self.steps += 1
+        self.rows += rows
+        self.tokens += tokens
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+        self.accept_s += accept_s
+        if self.steps == self.every:
+            ms = 1000.0 / self.steps
+            logger.info("PLUGIN_DSPARK: %d decode steps, %.2f requests each: draft %.1f ms, verify %.1f ms, "
+                        "accept %.1f ms per step; %.2f tokens per request-step", self.steps, self.rows / self.steps,
+                        self.draft_s * ms, self.verify_s * ms, self.accept_s * ms, self.tokens / max(self.rows, 1))
+            self.reset()
+
+
+def needs_plain_decoding(req: Any) -> str | None:
+    """Why SGLang's own sampler must decode this request (it changes the target's distribution in ways the
+    core's rejection sampling does not model), or None. (Per-request seeds reach SGLang's sampler only under
+    --enable-deterministic-inference, which `_decode` serves without drafts as a whole.)"""
+    p = req.sampling_params
+    for reason, on in (("min_p", (p.min_p or 0.0) > 0.0), ("logit_bias", bool(p.logit_bias)),
+                       ("penalties", (p.frequency_penalty or 0.0) != 0.0 or (p.presence_penalty or 0.0) != 0.0
+                        or (p.repetition_penalty or 1.0) != 1.0),
+                       ("min_new_tokens", (p.min_new_tokens or 0) > 0),
+                       ("a grammar", getattr(req, "grammar", None) is not None),
+                       ("a custom logit processor", getattr(req, "custom_logit_processor", None) is not None)):
+        if on:
+            return reason
+    return None
+
+
 class DSparkPluginWorker:
     """Placeholder where SGLang is not installed; replaced below by the real worker, a subclass of
     SGLang's `BaseSpecWorker` built at import time (algorithm.py imports this module lazily, from a
@@ -76,7 +137,7 @@ def _build_worker_class() -> type:
             super().__init__()
             from sglang.srt.runtime_context import get_device, get_spec
 
-            from dspark_plugin.checkpoint.deepspec import check_against_target, load_drafter
+            from dspark_plugin.checkpoint.deepspec import load_drafter
 
             self.server_args = server_args
             self._target_worker = target_worker
@@ -87,21 +148,24 @@ def _build_worker_class() -> type:
             target = self.model_runner.model
             config = self.model_runner.model_config.hf_config
             text = config.get_text_config() if hasattr(config, "get_text_config") else config
-            drafter = load_drafter(get_spec().speculative_draft_model_path, dtype=torch.float32, device="cpu")
-            check_against_target(drafter.cfg, int(text.vocab_size), int(text.hidden_size),
-                                 int(text.num_hidden_layers))
+            # The target's embedding and LM head, shared; a pruned drafter keeps its own draft-space LM head
+            # (load_drafter takes it from the checkpoint) and drafts target ids through its d2t.
+            parts = _TargetParts(text, target.model.embed_tokens,
+                                 _TargetHead(target.lm_head.weight, int(text.vocab_size)))
+            # load_drafter checks the drafter against the target's vocabulary, width and depth (one clear error).
+            drafter = load_drafter(get_spec().speculative_draft_model_path, target=parts, dtype=torch.float32,
+                                   device="cpu")
             if drafter.num_drafts + 1 != self.num_draft_tokens:
                 raise ValueError(f"PLUGIN_DSPARK: --speculative-num-draft-tokens {self.num_draft_tokens} must be the "
                                  f"drafter's drafts per block + 1 = {drafter.num_drafts + 1}")
-            if drafter.draft_to_target is not None:
-                raise ValueError("PLUGIN_DSPARK: pruned draft vocabularies are not served yet")
-            drafter.attach_target(target.model.embed_tokens, _TargetHead(target.lm_head.weight, int(text.vocab_size)))
             self.drafter = drafter
             # The target returns the drafter's taps (decoder-layer outputs) as packed aux hidden states.
             target.set_dflash_layers_to_capture(list(drafter.cfg.target_layer_ids))
             self.caches: dict[str, Any] = {}   # rid -> core ContextCache (taps of committed positions)
             self._prefilled: set[str] = set()   # rids prefilled since the last decode step
             self.generator = torch.Generator().manual_seed(int(server_args.random_seed or 0))   # drafts, acceptance
+            self._logged_plain: set[str] = set()
+            self._timing = _StepTiming()
             logger.info("PLUGIN_DSPARK: drafter %s (%s head, %d drafts per block)",
                         get_spec().speculative_draft_model_path, drafter.cfg.markov_head_type, drafter.num_drafts)
 
@@ -142,16 +206,8 @@ def _build_worker_class() -> type:
 
         def _sampling_params(self, batch: Any) -> list[tuple[float, int, float]]:
             """(temperature, top_k, top_p) per request in the core's terms (temperature 0 = greedy; top_k 0 =
-            all); one error naming what this version does not serve yet."""
+            all)."""
             info = batch.sampling_info
-            unsupported = [name for name, on in (
-                ("min_p", info.need_min_p_sampling), ("logit_bias", info.logit_bias is not None),
-                ("custom logit processors", info.has_custom_logit_processor),
-                ("grammars", bool(info.grammars) and any(g is not None for g in info.grammars)),
-                ("penalties", info.penalizer_orchestrator is not None and info.penalizer_orchestrator.is_required),
-                ("seeded sampling", info.sampling_seed is not None)) if on]
-            if unsupported:
-                raise ValueError(f"PLUGIN_DSPARK (this version) does not serve requests with {', '.join(unsupported)}")
             out = []
             vocab = int(info.vocab_size)
             for t, k, p in zip(info.temperatures.view(-1).tolist(), info.top_ks.view(-1).tolist(),
@@ -161,6 +217,19 @@ def _build_worker_class() -> type:
                 else:
                     out.append((float(t), 0 if k >= vocab else int(k), float(p)))
             return out
+
+        def _plain_tokens(self, logits: torch.Tensor, batch: Any, positions: torch.Tensor) -> torch.Tensor:
+            """logits [bs, V] at each request's anchor -> the token SGLang's own sampler draws there for a
+            plain decode step: penalties, logit bias and grammar mask applied (`_preprocess_logits`), then
+            its sampler with the request's temperature / top-k / top-p / min-p / seed at the anchor's
+            position (what a decode step passes for seeded sampling)."""
+            from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+
+            bs = logits.shape[0]
+            out = LogitsProcessorOutput(next_token_logits=logits.clone())
+            self.model_runner._preprocess_logits(out, batch.sampling_info)
+            return self.model_runner.sampler(out, batch.sampling_info, False, [0] * bs, [None] * bs,
+                                             positions.to(self.device)).view(-1)
 
         # -- one scheduler step -------------------------------------------------------------------
         def forward_batch_generation(self, batch: Any, on_publish: Any = None, pp_proxy_tensors: Any = None,
@@ -206,25 +275,40 @@ def _build_worker_class() -> type:
             from sglang.srt.speculative.ngram_info import NgramVerifyInput
 
             from dspark_plugin.decode.draft import sequential_draft
-            from dspark_plugin.decode.verify import verify_greedy, verify_rejection
+            from dspark_plugin.decode.verify import VerifyResult, verify_greedy, verify_rejection
 
+            t0 = time.perf_counter()
             params = self._sampling_params(batch)
             self._forget_finished(batch)
             bs, n = len(batch.reqs), self.num_draft_tokens
             seq_lens = batch.seq_lens.to(torch.int64)
             anchors = torch.tensor([req.output_ids[-1] for req in batch.reqs], dtype=torch.int64)
 
+            # Requests SGLang's own sampler must decode (penalties, grammar, ...) are verified without drafts.
+            deterministic = batch.sampling_info.sampling_seed is not None   # SGLang's seeded per-position draws
+            plain = [("deterministic inference" if deterministic else needs_plain_decoding(req)) for req in batch.reqs]
+            for reason in {r for r in plain if r and r not in self._logged_plain}:
+                self._logged_plain.add(reason)
+                logger.info("PLUGIN_DSPARK: requests with %s are decoded without drafts (SGLang's sampler)", reason)
+
             # 1) Draft, per request, from its committed context.
             blocks = []
             with torch.no_grad():
                 for i, req in enumerate(batch.reqs):
+                    if plain[i]:
+                        blocks.append(None)
+                        continue
                     cache = self.caches[req.rid]
                     h = self.drafter.block_hidden(cache, anchors[i:i + 1], seq_lens[i:i + 1].cpu())
                     temperature, top_k, top_p = params[i]
                     blocks.append(sequential_draft(self.drafter, h, anchors[i:i + 1], temperature, top_k, top_p,
                                                    self.generator))
-            draft_tokens = torch.cat([b.tokens for b in blocks], 0)             # [bs, g]
+            filler = anchors[:, None].expand(bs, n - 1)                          # never accepted
+            draft_tokens = torch.stack([b.tokens[0] if b is not None else filler[i]
+                                        for i, b in enumerate(blocks)])          # [bs, g]
             verify_ids = torch.cat([anchors[:, None], draft_tokens], 1)          # [bs, g+1]
+
+            t1 = time.perf_counter()
 
             # 2) Verify in one target forward over the slots the scheduler reserved.
             req_to_token = batch.req_to_token_pool.req_to_token
@@ -261,6 +345,7 @@ def _build_worker_class() -> type:
             finally:
                 (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.spec_info, batch.seq_lens,
                  batch.seq_lens_cpu, batch.seq_lens_sum) = saved
+            t2 = time.perf_counter()
             logits = out.logits_output.next_token_logits.view(bs, n, -1)
             taps = out.logits_output.hidden_states.view(bs, n, -1)
             out.logits_output.hidden_states = None
@@ -268,10 +353,15 @@ def _build_worker_class() -> type:
             # 3) Accept (the core's verification: greedy, or rejection sampling against SGLang's target
             # distribution for the request's temperature / top-k / top-p) and extend the drafter's context.
             rows = []
+            sampled = self._plain_tokens(logits[:, 0], batch, seq_lens).cpu() if any(plain) else None
             for i, block in enumerate(blocks):
                 temperature, top_k, top_p = params[i]
                 everything = torch.full((1,), n - 1)
-                if temperature <= 0:
+                if block is None:
+                    tokens = torch.full((1, n), -1, dtype=torch.int64)
+                    tokens[0, 0] = sampled[i]
+                    rows.append(VerifyResult(tokens=tokens, num_accepted=torch.zeros(1, dtype=torch.int64)))
+                elif temperature <= 0:
                     rows.append(verify_greedy(block.tokens, logits[i:i + 1].float(), everything))
                 else:
                     target_probs = sglang_target_probs(logits[i:i + 1], temperature, top_k or logits.shape[-1], top_p)
@@ -283,6 +373,7 @@ def _build_worker_class() -> type:
                 k = int(accept_lens[i])
                 self._append_context(req.rid, taps[i, :k], int(seq_lens[i]))   # anchor + accepted drafts
             new_seq_lens = (seq_lens + accept_lens).to(batch.seq_lens.dtype)
+            self._timing.add(bs, int(accept_lens.sum()), t1 - t0, t2 - t1, time.perf_counter() - t2)
             if on_publish is not None:
                 on_publish(new_seq_lens)
             next_draft_input = NgramVerifyInput(draft_token_num=n, new_seq_lens=new_seq_lens,

@@ -1,10 +1,12 @@
 """DSpark through SGLang on CPU, end to end: `dspark-sglang ... --speculative-algorithm DSPARK
 --speculative-draft-model-path DRAFTER` (renamed to the plugin's PLUGIN_DSPARK on CPU) serves
-SmolLM2-135M-Instruct with the shipped vanilla drafter on a real server on 127.0.0.1. Greedy
+SmolLM2-135M-Instruct with the product drafter (pruned 8k draft vocabulary) on a real server on 127.0.0.1. Greedy
 outputs of 10 prompts sent 4 at a time equal the target's own greedy outputs (Hugging Face
 transformers, i.e. what the plain server gives: test_sglang_serving.py), and SGLang's spec counters
 (`spec_verify_ct`, `spec_num_correct_drafts`) equal the core's reference runner's rounds and accepted
-drafts on the same prompts, so drafts are accepted exactly where the reference accepts them.
+drafts on the same prompts, so drafts are accepted exactly where the reference accepts them. Among
+them, requests with penalties + a logit bias, a regex grammar, min-p + min_new_tokens are decoded by
+SGLang's own sampler without drafts, with the outputs those settings give, and the server stays up.
 Sampling: the second token of 300 two-token requests (drafted and rejection-sampled by the plugin)
 follows the target's exact conditional distribution (chi-square), at T = 1 and at T = 0.7 with top-k
 and top-p; and the distribution the worker accepts against is the one SGLang's sampler draws from.
@@ -37,7 +39,8 @@ from harness.vllm_testing import smollm2_target  # noqa: E402
 from test_sglang_serving import free_port, wait_healthy  # noqa: E402  (tests/sglang/, beside this file)
 
 REPO = Path(__file__).resolve().parents[2]
-DRAFTER = REPO / "drafters" / "smollm2-135m-dspark-vanilla-b7"
+# The product drafter (a pruned 8k draft vocabulary), as in the README.
+DRAFTER = REPO / "drafters" / "smollm2-135m-dspark-vanilla-b7-v8k"
 DATA = REPO.parent / "shared" / "data"
 NEW_TOKENS = 48
 EOS = 2   # <|im_end|>: SmolLM2-Instruct's end of turn, where SGLang stops a chat answer
@@ -49,27 +52,56 @@ def prompts() -> list[str]:
     return [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in gsm + mt]
 
 
-def generate(port: int, text: str) -> dict:
+def generate(port: int, text: str, **sampling: object) -> dict:
     import urllib.request
 
-    body = json.dumps({"text": text, "sampling_params": {"temperature": 0, "max_new_tokens": NEW_TOKENS}}).encode()
+    params = {"temperature": 0, "max_new_tokens": NEW_TOKENS, **sampling}
+    body = json.dumps({"text": text, "sampling_params": params}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=900) as r:
         return json.loads(r.read())
 
 
+# Requests SGLang's own sampler must decode (worker.needs_plain_decoding), sent among the greedy ones so
+# batches mix rows drafted by the plugin with rows decoded without drafts.
+CAPITAL = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+PENALTIES = {"frequency_penalty": 0.6, "presence_penalty": 0.4}
+
+
+def special_requests(first_token: int) -> dict[str, tuple[str, dict]]:
+    return {"penalties+bias": (prompts()[0], {**PENALTIES, "logit_bias": {str(first_token): -100.0}}),
+            # Under this grammar greedy starts "Paris" (logit 26.1; "B" of Berlin 24.1): with "London"
+            # allowed, "L" (26.13) would beat "Paris" by 0.03, too close to pin across CPUs.
+            "regex": (CAPITAL, {"regex": "(Paris|Rome|Berlin)"}),
+            "min_p+min_new_tokens": (prompts()[1], {"temperature": 0.8, "min_p": 0.1, "min_new_tokens": 12,
+                                                    "max_new_tokens": 16})}
+
+
+def first_greedy_token(target_dir: Path, text: str) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(target_dir)
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return int(target(tok(text, return_tensors="pt").input_ids).logits[0, -1].argmax())
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory) -> list[dict]:
+def served(tmp_path_factory) -> dict:
+    """One PLUGIN_DSPARK server: the greedy prompts and the special requests, 4 in flight at a time."""
     if not DRAFTER.is_dir():
         pytest.skip(f"no drafter at {DRAFTER}")
     assert launcher.entry_point_installed(), (
         f"{launcher.ENTRY_POINT_GROUP}: dspark = {launcher.ENTRY_POINT} is not installed: pip install the package")
     target = smollm2_target()
+    special = special_requests(first_greedy_token(target, prompts()[0]))
     port = free_port()
     env = dict(os.environ)
     env.pop("SGLANG_USE_CPU_ENGINE", None)
     env.pop("SGLANG_PLUGINS", None)
     log_path = tmp_path_factory.mktemp("server") / "server.log"
+    jobs = [(text, {}) for text in prompts()]
+    jobs[2:2] = list(special.values())
     with open(log_path, "w") as log:
         proc = processes.popen([sys.executable, "-m", "dspark_plugin.sglang.launcher", "--model-path", str(target),
                                 "--host", "127.0.0.1", "--port", str(port), "--speculative-algorithm", "DSPARK",
@@ -77,11 +109,15 @@ def served(tmp_path_factory) -> list[dict]:
         try:
             wait_healthy(port, proc)
             with ThreadPoolExecutor(4) as pool:   # 4 requests in flight: batches of several, joining and finishing
-                outs = list(pool.map(lambda p: generate(port, p), prompts()))
+                outs = list(pool.map(lambda job: generate(port, job[0], **job[1]), jobs))
+            alive = generate(port, prompts()[0])   # the server still serves after them all
         finally:
             processes.stop_group(proc.pid)
-    assert "PLUGIN_DSPARK: drafter" in log_path.read_text()
-    return outs
+    log_text = log_path.read_text()
+    assert "PLUGIN_DSPARK: drafter" in log_text
+    special_outs = dict(zip(special, outs[2:2 + len(special)]))
+    del outs[2:2 + len(special)]
+    return {"greedy": outs, "special": special_outs, "requests": special, "alive": alive, "log": log_text}
 
 
 @pytest.mark.slow
@@ -96,7 +132,7 @@ def test_greedy_outputs_equal_the_targets_and_drafts_are_accepted_as_in_the_refe
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     runner = ReferenceRunner(target, load_drafter(DRAFTER, target=target))
     accepted = 0
-    for text, out in zip(prompts(), served):
+    for text, out in zip(prompts(), served["greedy"]):
         enc = tok(text, return_tensors="pt")
         plain = target.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=NEW_TOKENS,
                                 do_sample=False, eos_token_id=EOS, pad_token_id=tok.pad_token_id)
@@ -108,6 +144,42 @@ def test_greedy_outputs_equal_the_targets_and_drafts_are_accepted_as_in_the_refe
         assert (meta["spec_verify_ct"], meta["spec_num_correct_drafts"]) == (ref.num_rounds, sum(ref.accepted)), text
         accepted += meta["spec_num_correct_drafts"]
     assert accepted > 0
+    assert served["alive"]["output_ids"] == served["greedy"][0]["output_ids"]
+
+
+@pytest.mark.slow
+def test_requests_sglangs_sampler_must_decode_get_its_tokens_and_the_server_stays_up(served, one_thread):
+    """Penalties + logit bias, a regex grammar, min-p + min_new_tokens: decoded without drafts by SGLang's
+    own sampler (worker.needs_plain_decoding), in batches with drafted rows. Greedy with penalties and a
+    bias equals the target with those applied the way SGLang applies them (output-token counts; the bias
+    added); the grammar's answer is one it allows; min_new_tokens holds; the server answers after them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target_dir = smollm2_target()
+    tok = AutoTokenizer.from_pretrained(target_dir)
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    text, params = served["requests"]["penalties+bias"]
+    ids = tok(text).input_ids
+    counts = torch.zeros(target.config.vocab_size)
+    want: list[int] = []
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            logits = target(torch.tensor([ids + want])).logits[0, -1].float()
+            logits -= params["frequency_penalty"] * counts + params["presence_penalty"] * (counts > 0).float()
+            for t, bias in params["logit_bias"].items():
+                logits[int(t)] += bias
+            want.append(int(logits.argmax()))
+            counts[want[-1]] += 1
+            if want[-1] == EOS:
+                break
+    special = served["special"]
+    assert special["penalties+bias"]["output_ids"] == want
+    assert special["regex"]["text"] == "Paris"
+    assert 12 <= special["min_p+min_new_tokens"]["meta_info"]["completion_tokens"] <= 16
+    for out in special.values():
+        assert out["meta_info"]["spec_num_correct_drafts"] == 0
+    for reason in ("logit_bias", "a grammar", "min_p"):   # each request's first reason is logged
+        assert f"PLUGIN_DSPARK: requests with {reason} are decoded without drafts" in served["log"], reason
 
 
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.8), (7, 0.6), (1, 1.0)])
