@@ -1,9 +1,7 @@
 """Helpers shared by tests/vllm/ and the serving benchmarks (no pytest import here; not packaged)."""
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,71 +78,3 @@ def vllm_env(**overrides: str) -> dict[str, str]:
     env = cpu_environment(dict(os.environ))
     env.update(overrides)
     return env
-
-
-def quick_drafter(target: str | Path, workdir: str | Path, prompt_files: list[str | Path], limit: int = 12,
-                  max_new_tokens: int = 96, steps: int = 300, head: str = "vanilla") -> tuple[Path, Path]:
-    """Train a small drafter on the target's own greedy answers to a few prompts (minutes on CPU).
-
-    It memorises those answers, so on the same prompts it drafts well: enough to show that the
-    engine integration delivers what a drafter knows (a wrong layout would accept ~nothing).
-    Returns (drafter dir, data JSONL with prompt_ids). Reuses an existing result in `workdir`.
-    """
-    workdir = Path(workdir)
-    data, out = workdir / "data.jsonl", workdir / f"drafter-{head}"
-    workdir.mkdir(parents=True, exist_ok=True)
-    shared = _shared_quick_drafter_dir(target, prompt_files, limit, max_new_tokens, steps, head)
-    if not (out / "model.safetensors").is_file() and (shared / "drafter" / "model.safetensors").is_file():
-        shutil.copyfile(shared / "data.jsonl", data)
-        shutil.copytree(shared / "drafter", out, dirs_exist_ok=True)
-    cli = [sys.executable, "-m", "dspark_plugin.cli"]
-    if not data.is_file() or sum(1 for _ in data.open()) < limit:
-        subprocess.run([*cli, "gen-data", "--target", str(target), "--prompts", *map(str, prompt_files),
-                        "--out", str(data), "--limit", str(limit), "--max-new-tokens", str(max_new_tokens),
-                        "--batch-size", str(limit)], check=True)
-    if not (out / "model.safetensors").is_file():
-        subprocess.run([*cli, "train", "--target", str(target), "--data", str(data), "--out", str(out),
-                        "--head", head, "--layers", "1", "--num-taps", "3", "--steps", str(steps),
-                        "--batch-size", "4", "--anchors-per-seq", "16", "--save-dtype", "float32",
-                        "--save-every", str(steps), "--no-progress"], check=True)
-        _keep_shared(shared, data, out)
-    return out, data
-
-
-# Sources whose change can change what the quick drafter is: its data (generation) and its training.
-_QUICK_SOURCES = ("dspark_plugin/train", "dspark_plugin/model", "dspark_plugin/config", "dspark_plugin/checkpoint",
-                  "dspark_plugin/commands/train.py", "dspark_plugin/commands/gen_data.py")
-
-
-def _shared_quick_drafter_dir(target: str | Path, prompt_files: list[str | Path], limit: int, max_new_tokens: int,
-                              steps: int, head: str) -> Path:
-    """Where a quick drafter is kept across clones on this machine (a clean CI clone trains it again
-    otherwise: ~7 minutes here). Keyed by everything it depends on: the target's files, the prompt
-    files, the arguments, the source of data generation and training, torch's version."""
-    h = hashlib.sha256()
-    h.update(repr((limit, max_new_tokens, steps, head, torch.__version__)).encode())
-    for f in sorted(Path(target).glob("*.json")) + [Path(target) / "model.safetensors", *map(Path, prompt_files)]:
-        h.update(f.name.encode())
-        h.update(f.read_bytes() if f.suffix != ".safetensors" else str(f.stat().st_size).encode())
-    for rel in _QUICK_SOURCES:
-        root = REPO / rel
-        for f in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
-            h.update(str(f.relative_to(REPO)).encode())
-            h.update(f.read_bytes())
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "dspark-plugin" / "quick-drafters" / h.hexdigest()[:16]
-
-
-def _keep_shared(shared: Path, data: Path, drafter: Path) -> None:
-    """Copy a freshly trained quick drafter to the shared place (written aside, then renamed)."""
-    try:
-        tmp = shared.with_name(shared.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        shutil.copyfile(data, tmp / "data.jsonl")
-        shutil.copytree(drafter, tmp / "drafter", ignore=shutil.ignore_patterns("trainer_state", "act_cache"))
-        if not shared.exists():
-            os.replace(tmp, shared)
-        shutil.rmtree(tmp, ignore_errors=True)
-    except OSError:
-        pass  # a cache: failing to keep it costs the next clone time, never this run
