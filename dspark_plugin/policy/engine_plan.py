@@ -1,8 +1,8 @@
-"""Per-request verify lengths for the vLLM proposer: the engine side of docs/algorithm.md §1.5.
+"""Per-request verify lengths for the engine adapters: the engine side of docs/algorithm.md §1.5.
 
-Engine-free (no vLLM import) so it is unit-tested without an engine. The proposer drafts the full
-block for every request, then asks `VerifyPlanner.plan` how long a prefix of each block vLLM
-should verify; the choice itself is `dspark_plugin.policy.verify_planner` (the same code the reference
+Engine-free (no vLLM or SGLang import) so it is unit-tested without an engine; the vLLM proposer and
+the SGLang worker build theirs with `make_planner`. The adapter drafts the full block for every
+request, then asks `VerifyPlanner.plan` how long a prefix of each block the engine should verify; the choice itself is `dspark_plugin.policy.verify_planner` (the same code the reference
 runner uses), this module only supplies the engine's step cost and keeps statistics.
 
 Switches (read once, when the engine starts):
@@ -29,15 +29,15 @@ planned: the plan for a block must not depend on anything measured after its tok
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from dspark_plugin import envs
 from dspark_plugin.errors import DSparkError
 from dspark_plugin.policy.draft_gate import DraftGate
-from dspark_plugin.policy.online_step_rate import LearnedCurve, OnlineStepRate
-from dspark_plugin.policy.step_rate import SPSCurve
+from dspark_plugin.policy.online_step_rate import LearnedCurve, OnlineStepRate, cache_key, default_path
+from dspark_plugin.policy.step_rate import SPSCurve, find_sps_curve
 from dspark_plugin.policy.verify_planner import AsyncScheduler, prefix_survival, schedule_verify_lengths
 
 MODES = envs.VARS[envs.SCHEDULER].choices  # early_stop, async, fixed
@@ -77,6 +77,39 @@ def resolve_mode(requested: str | None, curve: SPSCurve | None, has_confidence: 
         return "fixed", ("no SPS curve found and DSPARK_ONLINE_SPS=off, so the full block is verified; profile "
                          "one with `dspark profile --engine vllm --target TARGET --out DRAFTER/dspark_sps.json`")
     return requested or "early_stop", None
+
+
+def make_planner(engine: str, target: str, drafter: str, has_confidence: bool, device: Any, dtype: Any,
+                 settings: SchedulerSettings, max_batch_tokens: int | None, log: Callable[[str], None],
+                 warn: Callable[[str], None], log_every: int = 256, fixed_because: str | None = None) -> VerifyPlanner:
+    """The verify-length policy of an engine adapter, chosen once at start-up: a profiled curve if one is
+    found (`DSPARK_SPS`, the drafter dir, the cache), else the curve learned online (saved per engine /
+    target / drafter / machine / dtype), else the full block; the draft gate beside it. One log line
+    says which. fixed_because: the engine cannot take per-request lengths (vLLM's async scheduling)."""
+    curve = None
+    if settings.mode != "fixed" and has_confidence:
+        curve = find_sps_curve(target, drafter, path=settings.sps_path, device=device, dtype=dtype, engine=engine)
+    mode, why = resolve_mode(settings.mode, curve, has_confidence, online=settings.online_sps)
+    if mode != "fixed" and fixed_because is not None:
+        mode, why = "fixed", fixed_because
+    online = None
+    if mode == "fixed":
+        log(f"dspark-plugin scheduler: fixed (requested {settings.mode or 'default'}): verifying the full block"
+            + (f"; {why}" if why else ""))
+    elif curve is not None:
+        log(f"dspark-plugin scheduler: mode {mode}, profiled SPS curve over B = {curve.batch_sizes[0]}.."
+            f"{curve.batch_sizes[-1]} ({curve.meta.get('key', 'no key')})")
+    else:
+        online = OnlineStepRate(path=default_path(), key=cache_key(engine, target, drafter, device, dtype), warn=warn)
+        online.load()
+        log(f"dspark-plugin scheduler: mode {mode}, SPS curve learned online ("
+            + (f"loaded {online.path}: {online.loaded_steps} steps measured before" if online.loaded_steps
+               else f"new; saved to {online.path}") + ")")
+    gate = DraftGate() if settings.draft_gate and mode != "fixed" else None
+    if mode != "fixed":
+        log(f"dspark-plugin draft gate: {'on' if gate else 'off (DSPARK_DRAFT_GATE=off)'}")
+    return VerifyPlanner(mode, curve if mode != "fixed" else None, max_batch_tokens=max_batch_tokens, log=log,
+                         log_every=log_every, gate=gate, online=online)
 
 
 class StepCost:
@@ -142,6 +175,10 @@ class VerifyPlanner:
         pass: its cost is the prompt's)."""
         if self.online is not None and self._step_end is not None and step_tokens <= batch + self._verified_last:
             self.online.observe(batch, step_tokens, now - self._step_end)
+        self._step_end = None
+
+    def discard_step(self) -> None:
+        """A pass that is not a decode step (a prefill) runs before the next proposal: not measured."""
         self._step_end = None
 
     def end_step(self, now: float) -> None:

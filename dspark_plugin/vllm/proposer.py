@@ -51,11 +51,8 @@ from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from dspark_plugin.decode.context_lookup import find_continuation
 from dspark_plugin.decode.draft import DraftBlock, sequential_draft
-from dspark_plugin.policy.draft_gate import DraftGate
-from dspark_plugin.policy.engine_plan import SchedulerSettings, VerifyPlanner, resolve_mode, settings_from_env
+from dspark_plugin.policy.engine_plan import SchedulerSettings, VerifyPlanner, make_planner, settings_from_env
 from dspark_plugin.policy.lookup_choice import ChosenDrafts, LookupAcceptance, choose_drafts
-from dspark_plugin.policy.online_step_rate import OnlineStepRate, cache_key, default_path
-from dspark_plugin.policy.step_rate import find_sps_curve
 from dspark_plugin.vllm.deferred_context import DeferredContext, context_slots
 from dspark_plugin.vllm.fault_injection import FaultInjector
 from dspark_plugin.vllm.token_history import RowHistory, row_histories
@@ -80,14 +77,6 @@ class _Transient:
     def __exit__(self, *exc: object) -> None:
         for k, v in self.saved.items():
             object.__setattr__(self.config, k, v)
-
-
-def learned_step_rate(target: str, drafter: str, device: torch.device, dtype: Any) -> OnlineStepRate:
-    """The online curve of this target / drafter / machine / dtype, from the last run if it saved one."""
-    online = OnlineStepRate(path=default_path(), key=cache_key("vllm", target, drafter, device, dtype),
-                            warn=logger.warning)
-    online.load()
-    return online
 
 
 class DSparkProposer(DFlashProposer):
@@ -128,39 +117,17 @@ class DSparkProposer(DFlashProposer):
         self.deferred = DeferredContext() if settings.defer_context else None
 
     def _make_planner(self, vllm_config: Any, runner: Any, settings: SchedulerSettings) -> VerifyPlanner:
-        """The verify-length policy, chosen once at start-up."""
+        """The verify-length policy, chosen once at start-up (the core's `make_planner`)."""
         spec = vllm_config.speculative_config
-        drafter_cfg = spec.draft_model_config.hf_config
-        has_conf = bool(getattr(drafter_cfg, "enable_confidence_head", False))
         model_cfg = vllm_config.model_config
-        curve = None
-        if settings.mode != "fixed" and has_conf:
-            curve = find_sps_curve(str(model_cfg.model), str(spec.draft_model_config.model),
-                                   path=settings.sps_path, device=self.device, dtype=model_cfg.dtype,
-                                   engine="vllm")
-        mode, why = resolve_mode(settings.mode, curve, has_conf, online=settings.online_sps)
-        if mode != "fixed" and runner is not None and getattr(runner, "use_async_scheduling", False):
-            # The runner's async path copies drafts as one [B, n] tensor; per-request lists break it.
-            mode, why = "fixed", "async scheduling needs a fixed [B, n] draft block"
-        online = None
-        if mode == "fixed":
-            logger.info("dspark-plugin scheduler: fixed (requested %s): verifying the full block%s",
-                        settings.mode or "default", f"; {why}" if why else "")
-        elif curve is not None:
-            logger.info("dspark-plugin scheduler: mode %s, profiled SPS curve over B = %d..%d (%s)", mode,
-                        curve.batch_sizes[0], curve.batch_sizes[-1], curve.meta.get("key", "no key"))
-        else:
-            online = learned_step_rate(str(model_cfg.model), str(spec.draft_model_config.model), self.device,
-                                       model_cfg.dtype)
-            logger.info("dspark-plugin scheduler: mode %s, SPS curve learned online (%s)", mode,
-                        f"loaded {online.path}: {online.loaded_steps} steps measured before"
-                        if online.loaded_steps else f"new; saved to {online.path}")
-        max_tokens = getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None)
-        gate = DraftGate() if settings.draft_gate and mode != "fixed" else None
-        if mode != "fixed":
-            logger.info("dspark-plugin draft gate: %s", "on" if gate else "off (DSPARK_DRAFT_GATE=off)")
-        return VerifyPlanner(mode, curve if mode != "fixed" else None, max_batch_tokens=max_tokens,
-                             log=logger.info, log_every=TIMING_EVERY, gate=gate, online=online)
+        # The runner's async path copies drafts as one [B, n] tensor; per-request lists break it.
+        fixed_because = ("async scheduling needs a fixed [B, n] draft block"
+                         if runner is not None and getattr(runner, "use_async_scheduling", False) else None)
+        return make_planner("vllm", str(model_cfg.model), str(spec.draft_model_config.model),
+                            bool(getattr(spec.draft_model_config.hf_config, "enable_confidence_head", False)),
+                            self.device, model_cfg.dtype, settings,
+                            getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None),
+                            log=logger.info, warn=logger.warning, log_every=TIMING_EVERY, fixed_because=fixed_because)
 
     # -- geometry --------------------------------------------------------------------------
     @property

@@ -7,7 +7,7 @@ import math
 import torch
 
 from dspark_plugin.policy.draft_gate import DraftGate
-from dspark_plugin.policy.engine_plan import VerifyPlanner, resolve_mode
+from dspark_plugin.policy.engine_plan import SchedulerSettings, VerifyPlanner, make_planner, resolve_mode
 from dspark_plugin.policy.online_step_rate import FILE_VERSION, OnlineStepRate
 
 
@@ -113,6 +113,42 @@ def test_planner_measures_the_time_between_proposals():
     planner.end_step(2.0)
     planner.begin_step(batch=2, step_tokens=40, now=2.05)  # a prefill shared the pass: not measured
     assert 40 not in online.buckets[2].times
+
+
+def test_a_prefill_pass_between_proposals_is_not_measured():
+    """The SGLang worker runs prefills as passes of their own between decode steps: discard_step()."""
+    online = OnlineStepRate()
+    planner = VerifyPlanner("early_stop", None, online=online)
+    planner.end_step(1.0)
+    planner.discard_step()
+    planner.begin_step(batch=1, step_tokens=1, now=3.0)
+    assert not online.buckets
+
+
+def test_make_planner_keys_the_learned_curve_by_engine(tmp_path, monkeypatch):
+    """Both adapters build their planner here: no curve anywhere -> learned online, saved under the
+    engine's own key; the full block when the engine cannot take per-request lengths, or it was asked."""
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path))
+    target, drafter = tmp_path / "target", tmp_path / "drafter"
+    for d in (target, drafter):
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+    lines: list[str] = []
+    settings = SchedulerSettings(None, None)
+    planner = make_planner("sglang", str(target), str(drafter), True, "cpu", torch.float32, settings, None,
+                           log=lines.append, warn=lines.append)
+    assert planner.mode == "early_stop" and planner.gate is not None
+    assert planner.online.key.startswith("sglang|")
+    assert lines[0].startswith("dspark-plugin scheduler: mode early_stop, SPS curve learned online (new; saved to")
+    assert lines[1] == "dspark-plugin draft gate: on"
+    fixed = make_planner("vllm", str(target), str(drafter), True, "cpu", torch.float32, settings, None,
+                         log=lines.append, warn=lines.append, fixed_because="async scheduling needs a fixed block")
+    assert fixed.mode == "fixed" and fixed.gate is None
+    assert lines[-1] == ("dspark-plugin scheduler: fixed (requested default): verifying the full block; "
+                         "async scheduling needs a fixed block")
+    asked = make_planner("sglang", str(target), str(drafter), True, "cpu", torch.float32,
+                         SchedulerSettings("fixed", None), None, log=lines.append, warn=lines.append)
+    assert asked.mode == "fixed" and lines[-1] == "dspark-plugin scheduler: fixed (requested fixed): verifying the full block"
 
 
 def test_online_planning_is_the_default_without_a_curve():
