@@ -1,29 +1,33 @@
-"""The PLUGIN_DSPARK speculative worker for SGLang (first version: CPU, synchronous, one drafter context per request).
+"""The PLUGIN_DSPARK speculative worker for SGLang (CPU, synchronous, one drafter context per request).
 
 SGLang builds it as `DSparkPluginWorker(server_args=, gpu_id=, nccl_port=, target_worker=)` and calls
 `forward_batch_generation(batch)` once per scheduler step, on SGLang's V2 schema without overlap:
 - extend (prefill, each chunk): the target forward through SGLang's own worker, with the drafter's
   tapped layers captured by the target model itself (`set_dflash_layers_to_capture`: the output of
   decoder layer l, DSpark's tap); the taps become the drafter's context K/V.
-- decode: per request, the core drafts a block from the last committed token (the anchor):
-  `drafter.block_hidden` (one non-causal pass over [anchor, mask, ...]) and `sequential_draft` (the
-  sequential head, greedy or sampled); the target verifies [anchor, d_1 .. d_g] in one TARGET_VERIFY
-  forward (SGLang's worker and KV pool: the scheduler reserved the slots, `eagle_prepare_for_decode`),
-  the core's `verify_greedy` / `verify_rejection` accepts a prefix plus one token from the target,
-  and the taps of the committed positions extend the drafter's context.
-Drafter, heads, drafting and verification are the core's (dspark_plugin.model / decode); this file
-only moves tensors between them and SGLang.
+- decode: the core's draft gate decides whether this step drafts at all; per request, the core drafts a
+  block from the last committed token (the anchor): `drafter.block_hidden` (one non-causal pass over
+  [anchor, mask, ...]) and `sequential_draft` (the sequential head, greedy or sampled); the core's verify
+  planner picks how many drafts k of each block to verify from the blocks' confidences (the step rate
+  learned from the served steps, as in vLLM: `policy/engine_plan.make_planner`); the target verifies
+  [anchor, d_1 .. d_k] of every request in one TARGET_VERIFY forward (SGLang's worker and KV pool: the
+  scheduler reserved n slots per request, `eagle_prepare_for_decode`, of which the first k + 1 are
+  written); the core's `verify_greedy` / `verify_rejection` accepts a prefix plus one token from the
+  target, and the taps of the committed positions extend the drafter's context.
+Drafter, heads, drafting, verification, planning and gate are the core's (dspark_plugin.model / decode /
+policy); this file only moves tensors between them and SGLang.
 
 Sampled requests (temperature / top-k / top-p) are drafted by the core's sampler and accepted by
 its rejection sampling against the distribution SGLang's own sampler uses (`sglang_target_probs`).
-A request with min-p, a logit bias, penalties, min_new_tokens, a grammar or a custom logit processor (and
-every request under --enable-deterministic-inference) is decoded without drafts: its row of the verify forward is read at position 0 only
-(the logits a plain decode step computes) and SGLang's own sampler draws its token there, with its
-penalties, bias, grammar mask and seed (`_plain_tokens`), so it gets exactly what a server without
-speculation gives; the other requests of the batch are drafted as usual.
-Known limits of this version (the adapter issue's part 2 lists the rest): the drafter's context K/V is a
-per-request core `ContextCache`, not SGLang's paged pool; every step drafts and verifies the full block (no verify
-planner or draft gate yet); the radix cache is off (a prefix hit would skip the prompt's taps).
+A request with min-p, a logit bias, penalties, min_new_tokens, a grammar or a custom logit processor
+(and every request under --enable-deterministic-inference) is decoded without drafts: its row of the
+verify forward is the anchor alone (the logits a plain decode step computes) and SGLang's own sampler
+draws its token there, with its penalties, bias, grammar mask and seed (`_plain_tokens`), so it gets
+exactly what a server without speculation gives; the other requests of the batch are drafted as usual.
+So are the rows of a step the gate closed, and a row whose draft failed.
+Known limits of this version (the adapter issue lists the rest): the drafter's context K/V is a
+per-request core `ContextCache`, not SGLang's paged pool; the radix cache is off (a prefix hit would
+skip the prompt's taps); no context lookup (vLLM's copies from a request's own history).
 """
 from __future__ import annotations
 
@@ -138,6 +142,7 @@ def _build_worker_class() -> type:
             from sglang.srt.runtime_context import get_device, get_spec
 
             from dspark_plugin.checkpoint.deepspec import load_drafter
+            from dspark_plugin.policy.engine_plan import make_planner, settings_from_env
 
             self.server_args = server_args
             self._target_worker = target_worker
@@ -166,6 +171,15 @@ def _build_worker_class() -> type:
             self.generator = torch.Generator().manual_seed(int(server_args.random_seed or 0))   # drafts, acceptance
             self._logged_plain: set[str] = set()
             self._timing = _StepTiming()
+            self._failures: dict[str, int] = {}
+            self.vocab_size = int(text.vocab_size)
+            # Verify planning and the draft gate: the core's, as the vLLM proposer uses them (DSPARK_SCHEDULER,
+            # DSPARK_SPS, DSPARK_DRAFT_GATE, DSPARK_ONLINE_SPS; the curve learned online is saved under "sglang").
+            self.planner = make_planner("sglang", str(self.model_runner.model_config.model_path),
+                                        str(get_spec().speculative_draft_model_path),
+                                        drafter.cfg.enable_confidence_head, "cpu", torch.float32, settings_from_env(),
+                                        None, log=logger.info, warn=logger.warning)
+            self._last_batch = self._last_step_tokens = self._last_rejected = 0
             logger.info("PLUGIN_DSPARK: drafter %s (%s head, %d drafts per block)",
                         get_spec().speculative_draft_model_path, drafter.cfg.markov_head_type, drafter.num_drafts)
 
@@ -244,6 +258,7 @@ def _build_worker_class() -> type:
             from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
             from sglang.srt.speculative.ngram_info import NgramVerifyInput
 
+            self.planner.discard_step()   # a prefill pass: not a decode step's cost
             result = self._target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
             taps = result.logits_output.hidden_states
             if taps is None:
@@ -269,18 +284,88 @@ def _build_worker_class() -> type:
                                                        accept_tokens=accept_tokens.flatten(), accept_lens=accept_lens)
             return result
 
+        # -- drafting and planning ------------------------------------------------------------------
+        def _draft(self, batch: Any, anchors: torch.Tensor, seq_lens: torch.Tensor,
+                   params: list[tuple[float, int, float]], plain: list[str | None], t0: float) -> list[Any]:
+            """Each request's drafted block, or None where this step verifies nothing for it: SGLang's sampler
+            decodes it (`plain`), the draft gate closed the step, or its draft failed or is not finite (one
+            log line per kind of failure; a failing drafter costs speed, never the request)."""
+            from dspark_plugin.decode.draft import sequential_draft
+
+            bs, planner = len(batch.reqs), self.planner
+            try:   # the gate's bookkeeping costs speed at worst, never the request
+                planner.begin_step(self._last_batch, self._last_step_tokens, t0)
+                draft = not all(plain) and planner.should_draft(bs, t0, self._last_rejected,
+                                                                step_tokens=self._last_step_tokens)
+            except Exception:  # noqa: BLE001
+                self._failed("the draft gate failed; drafting this step")
+                draft = True
+            if not draft:
+                return [None] * bs
+            blocks: list[Any] = []
+            try:
+                with torch.no_grad():
+                    for i, req in enumerate(batch.reqs):
+                        if plain[i]:
+                            blocks.append(None)
+                            continue
+                        h = self.drafter.block_hidden(self.caches[req.rid], anchors[i:i + 1], seq_lens[i:i + 1].cpu())
+                        temperature, top_k, top_p = params[i]
+                        block = sequential_draft(self.drafter, h, anchors[i:i + 1], temperature, top_k, top_p,
+                                                 self.generator)
+                        ok = bool(block.ok.all()) and 0 <= int(block.tokens.min()) and \
+                            int(block.tokens.max()) < self.vocab_size
+                        if not ok:
+                            self._failed("a draft was not finite or left the vocabulary; that request decodes "
+                                         "without drafts this step", traceback=False)
+                        blocks.append(block if ok else None)
+            except Exception:  # noqa: BLE001
+                self._failed("drafting failed; decoding this step without drafts")
+                return [None] * bs
+            return blocks
+
+        def _plan(self, blocks: list[Any], g: int, t0: float, t1: float) -> list[int]:
+            """Drafts to verify per request (0 where there is no block): the core's verify planner on the
+            blocks' confidences (the full block when it is off or the drafter has none)."""
+            planner, bs = self.planner, len(blocks)
+            try:
+                if all(b is None for b in blocks):
+                    planner.skip(bs, g, seconds=t1 - t0)
+                    return [0] * bs
+                if planner.mode == "fixed" or any(b is not None and b.confidence is None for b in blocks):
+                    planner.record([g] * bs, g)
+                    return [g if b is not None else 0 for b in blocks]
+                confidence = torch.stack([b.confidence[0, :g].float() if b is not None else torch.zeros(g)
+                                          for b in blocks])                      # [bs, g]; 0: nothing to verify
+                lengths = planner.plan(confidence)
+                planner.observe_draft_time(t1 - t0)
+                return [length if b is not None else 0 for b, length in zip(blocks, lengths)]
+            except Exception:  # noqa: BLE001 - a planner bug must cost speed, not the request
+                self._failed("verify planning failed; verifying the full block")
+                return [g if b is not None else 0 for b in blocks]
+            finally:
+                planner.end_step(time.perf_counter())
+
+        def _failed(self, what: str, traceback: bool = True) -> None:
+            """One log line per kind of failure (then every 100th), never an exception into SGLang's scheduler."""
+            self._failures[what] = self._failures.get(what, 0) + 1
+            count = self._failures[what]
+            if count == 1 or count % 100 == 0:
+                (logger.exception if traceback else logger.warning)("PLUGIN_DSPARK: %s (%d times)", what, count)
+
+        # -- one decode step ------------------------------------------------------------------------
         def _decode(self, batch: Any, on_publish: Any) -> Any:
             from sglang.srt.managers.utils import GenerationBatchResult
             from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
             from sglang.srt.speculative.ngram_info import NgramVerifyInput
 
-            from dspark_plugin.decode.draft import sequential_draft
-            from dspark_plugin.decode.verify import VerifyResult, verify_greedy, verify_rejection
+            from dspark_plugin.decode.verify import verify_greedy, verify_rejection
 
             t0 = time.perf_counter()
             params = self._sampling_params(batch)
             self._forget_finished(batch)
             bs, n = len(batch.reqs), self.num_draft_tokens
+            g = n - 1
             seq_lens = batch.seq_lens.to(torch.int64)
             anchors = torch.tensor([req.output_ids[-1] for req in batch.reqs], dtype=torch.int64)
 
@@ -291,87 +376,86 @@ def _build_worker_class() -> type:
                 self._logged_plain.add(reason)
                 logger.info("PLUGIN_DSPARK: requests with %s are decoded without drafts (SGLang's sampler)", reason)
 
-            # 1) Draft, per request, from its committed context.
-            blocks = []
-            with torch.no_grad():
-                for i, req in enumerate(batch.reqs):
-                    if plain[i]:
-                        blocks.append(None)
-                        continue
-                    cache = self.caches[req.rid]
-                    h = self.drafter.block_hidden(cache, anchors[i:i + 1], seq_lens[i:i + 1].cpu())
-                    temperature, top_k, top_p = params[i]
-                    blocks.append(sequential_draft(self.drafter, h, anchors[i:i + 1], temperature, top_k, top_p,
-                                                   self.generator))
-            filler = anchors[:, None].expand(bs, n - 1)                          # never accepted
-            draft_tokens = torch.stack([b.tokens[0] if b is not None else filler[i]
-                                        for i, b in enumerate(blocks)])          # [bs, g]
-            verify_ids = torch.cat([anchors[:, None], draft_tokens], 1)          # [bs, g+1]
-
+            # 1) Draft (unless the draft gate closes the step), then plan how many drafts each request verifies.
+            blocks = self._draft(batch, anchors, seq_lens, params, plain, t0)
             t1 = time.perf_counter()
+            lengths = self._plan(blocks, g, t0, t1)
+            verify = [torch.cat([anchors[i:i + 1], blocks[i].tokens[0, :k]]) if k else anchors[i:i + 1]
+                      for i, k in enumerate(lengths)]                           # [anchor, d_1 .. d_k] per request
+            sizes = [k + 1 for k in lengths]
+            starts = [0]
+            for size in sizes[:-1]:
+                starts.append(starts[-1] + size)
+            verify_ids = torch.cat(verify)                                       # [sum(k + 1)]
+            positions = torch.cat([seq_lens[i] + torch.arange(size) for i, size in enumerate(sizes)])
 
-            # 2) Verify in one target forward over the slots the scheduler reserved.
+            # 2) Verify in one target forward over the slots the scheduler reserved (the first k + 1 of its n).
             req_to_token = batch.req_to_token_pool.req_to_token
-            offsets = torch.arange(n, device=seq_lens.device)
-            cols = seq_lens[:, None] + offsets[None]                            # [bs, n] positions
-            rows = batch.req_pool_indices.to(torch.int64)[:, None].expand(bs, n)
-            out_cache_loc = req_to_token[rows, cols].reshape(-1).to(torch.int64)
-            positions = cols.reshape(-1)
+            pool_rows = torch.cat([batch.req_pool_indices[i:i + 1].to(torch.int64).expand(size)
+                                   for i, size in enumerate(sizes)])
+            out_cache_loc = req_to_token[pool_rows, positions].to(torch.int64)
             saved = (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.spec_info, batch.seq_lens,
                      batch.seq_lens_cpu, batch.seq_lens_sum)
-            spec = NgramVerifyInput(draft_token=verify_ids.reshape(-1), positions=positions, draft_token_num=n,
+            spec = NgramVerifyInput(draft_token=verify_ids, positions=positions, draft_token_num=n,
                                     new_seq_lens=seq_lens)
             spec.capture_hidden_mode = CaptureHiddenMode.FULL
             batch.forward_mode = ForwardMode.TARGET_VERIFY
-            batch.input_ids = verify_ids.reshape(-1).to(self.device)
+            batch.input_ids = verify_ids.to(self.device)
             batch.out_cache_loc = out_cache_loc
             batch.spec_info = spec
             try:
                 fb = ForwardBatch.init_new(batch, self.model_runner, capture_hidden_mode=CaptureHiddenMode.FULL,
                                            return_hidden_states_before_norm=False)
                 # torch_native reads K/V through req_to_token[:seq_len] with the verify tokens as an extend
-                # of n after the committed prefix: it needs the extend view, which TARGET_VERIFY leaves unset.
+                # after the committed prefix: it needs the extend view, which TARGET_VERIFY leaves unset.
+                size_t = torch.tensor(sizes, dtype=torch.int64)
                 fb.positions = positions
-                fb.seq_lens = seq_lens + n
+                fb.seq_lens = seq_lens + size_t
                 fb.seq_lens_cpu = fb.seq_lens.cpu()
                 fb.seq_lens_sum = int(fb.seq_lens_cpu.sum())
                 fb.extend_prefix_lens = seq_lens.to(torch.int32)
-                fb.extend_seq_lens = torch.full((bs,), n, dtype=torch.int32)
+                fb.extend_seq_lens = size_t.to(torch.int32)
                 fb.extend_prefix_lens_cpu = seq_lens.tolist()
-                fb.extend_seq_lens_cpu = [n] * bs
-                fb.extend_num_tokens = bs * n
-                fb.extend_start_loc = torch.arange(0, bs * n, n, dtype=torch.int32)
+                fb.extend_seq_lens_cpu = sizes
+                fb.extend_num_tokens = sum(sizes)
+                fb.extend_start_loc = torch.tensor(starts, dtype=torch.int32)
                 out = self._target_worker.forward_batch_generation(batch=None, forward_batch=fb, is_verify=True)
             finally:
                 (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.spec_info, batch.seq_lens,
                  batch.seq_lens_cpu, batch.seq_lens_sum) = saved
             t2 = time.perf_counter()
-            logits = out.logits_output.next_token_logits.view(bs, n, -1)
-            taps = out.logits_output.hidden_states.view(bs, n, -1)
+            flat_logits = out.logits_output.next_token_logits                     # [sum(k + 1), V]
+            taps = out.logits_output.hidden_states                               # [sum(k + 1), taps]
             out.logits_output.hidden_states = None
 
             # 3) Accept (the core's verification: greedy, or rejection sampling against SGLang's target
-            # distribution for the request's temperature / top-k / top-p) and extend the drafter's context.
-            rows = []
-            sampled = self._plain_tokens(logits[:, 0], batch, seq_lens).cpu() if any(plain) else None
+            # distribution for the request's temperature / top-k / top-p; SGLang's own sampler where nothing
+            # was drafted) and extend the drafter's context.
+            first = torch.tensor(starts)
+            sampled = (self._plain_tokens(flat_logits[first], batch, seq_lens).cpu()
+                       if any(b is None for b in blocks) else None)
+            tokens = torch.zeros(bs, n, dtype=torch.int64)
+            accept_lens = torch.ones(bs, dtype=torch.int32)
             for i, block in enumerate(blocks):
-                temperature, top_k, top_p = params[i]
-                everything = torch.full((1,), n - 1)
                 if block is None:
-                    tokens = torch.full((1, n), -1, dtype=torch.int64)
-                    tokens[0, 0] = sampled[i]
-                    rows.append(VerifyResult(tokens=tokens, num_accepted=torch.zeros(1, dtype=torch.int64)))
-                elif temperature <= 0:
-                    rows.append(verify_greedy(block.tokens, logits[i:i + 1].float(), everything))
+                    tokens[i, 0] = sampled[i]
+                    continue
+                k, temperature, (_, top_k, top_p) = lengths[i], params[i][0], params[i]
+                logits = torch.zeros(1, n, flat_logits.shape[-1])
+                logits[0, :k + 1] = flat_logits[starts[i]:starts[i] + k + 1].float()
+                if temperature <= 0:
+                    row = verify_greedy(block.tokens, logits, torch.tensor([k]))
                 else:
-                    target_probs = sglang_target_probs(logits[i:i + 1], temperature, top_k or logits.shape[-1], top_p)
-                    rows.append(verify_rejection(block.tokens, block.probs, target_probs, everything, self.generator))
-            tokens = torch.cat([r.tokens for r in rows], 0)
-            accept_lens = (torch.cat([r.num_accepted for r in rows], 0) + 1).to(torch.int32)   # drafts kept + 1
-            accept_tokens = torch.where(tokens >= 0, tokens, torch.zeros_like(tokens)).to(torch.int32)
-            for i, req in enumerate(batch.reqs):
-                k = int(accept_lens[i])
-                self._append_context(req.rid, taps[i, :k], int(seq_lens[i]))   # anchor + accepted drafts
+                    target_probs = sglang_target_probs(logits, temperature, top_k or logits.shape[-1], top_p)
+                    row = verify_rejection(block.tokens, block.probs, target_probs, torch.tensor([k]), self.generator)
+                kept = int(row.num_accepted[0]) + 1
+                tokens[i, :kept] = row.tokens[0, :kept]
+                accept_lens[i] = kept
+            accept_tokens = tokens.to(torch.int32)
+            for i, req in enumerate(batch.reqs):   # taps of the anchor + accepted drafts
+                self._append_context(req.rid, taps[starts[i]:starts[i] + int(accept_lens[i])], int(seq_lens[i]))
+            self._last_batch, self._last_step_tokens = bs, sum(sizes)
+            self._last_rejected = sum(lengths) - int(accept_lens.sum()) + bs
             new_seq_lens = (seq_lens + accept_lens).to(batch.seq_lens.dtype)
             self._timing.add(bs, int(accept_lens.sum()), t1 - t0, t2 - t1, time.perf_counter() - t2)
             if on_publish is not None:

@@ -1,11 +1,13 @@
 """DSpark through SGLang on CPU, end to end: `dspark-sglang ... --speculative-algorithm DSPARK
 --speculative-draft-model-path DRAFTER` (renamed to the plugin's PLUGIN_DSPARK on CPU) serves
-SmolLM2-135M-Instruct with the product drafter (pruned 8k draft vocabulary) on a real server on 127.0.0.1. Greedy
-outputs of 10 prompts sent 4 at a time equal the target's own greedy outputs (Hugging Face
-transformers, i.e. what the plain server gives: test_sglang_serving.py), and SGLang's spec counters
-(`spec_verify_ct`, `spec_num_correct_drafts`) equal the core's reference runner's rounds and accepted
-drafts on the same prompts, so drafts are accepted exactly where the reference accepts them. Among
-them, requests with penalties + a logit bias, a regex grammar, min-p + min_new_tokens are decoded by
+SmolLM2-135M-Instruct with the product drafter (pruned 8k draft vocabulary) on real servers on 127.0.0.1:
+the defaults (the core's verify planner, step rate learned from nothing, draft gate) and
+DSPARK_SCHEDULER=fixed (the full block every step). Greedy outputs of 10 prompts sent 4 at a time equal
+the target's own greedy outputs (Hugging Face transformers, i.e. what the plain server gives:
+test_sglang_serving.py) on both, and the fixed server's spec counters (`spec_verify_ct`,
+`spec_num_correct_drafts`) equal the core's reference runner's rounds and accepted drafts on the same
+prompts, so drafts are accepted exactly where the reference accepts them. Among the
+default server's, requests with penalties + a logit bias, a regex grammar, min-p + min_new_tokens are decoded by
 SGLang's own sampler without drafts, with the outputs those settings give, and the server stays up.
 Sampling: the second token of 300 two-token requests (drafted and rejection-sampled by the plugin)
 follows the target's exact conditional distribution (chi-square), at T = 1 and at T = 0.7 with top-k
@@ -88,36 +90,51 @@ def first_greedy_token(target_dir: Path, text: str) -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> dict:
-    """One PLUGIN_DSPARK server: the greedy prompts and the special requests, 4 in flight at a time."""
+    """Two PLUGIN_DSPARK servers, started and served side by side (one core each): the defaults (verify
+    planner with a step rate learned from nothing, draft gate) get the greedy prompts and the special
+    requests; DSPARK_SCHEDULER=fixed (the full block every step, as the reference runner verifies) gets the
+    greedy prompts. 4 requests in flight on each: batches of several, joining and finishing."""
     if not DRAFTER.is_dir():
         pytest.skip(f"no drafter at {DRAFTER}")
     assert launcher.entry_point_installed(), (
         f"{launcher.ENTRY_POINT_GROUP}: dspark = {launcher.ENTRY_POINT} is not installed: pip install the package")
     target = smollm2_target()
     special = special_requests(first_greedy_token(target, prompts()[0]))
-    port = free_port()
-    env = dict(os.environ)
+    tmp = tmp_path_factory.mktemp("servers")
+    env = dict(os.environ, DSPARK_CACHE_DIR=str(tmp / "cache"))   # no curve learned by an earlier run
     env.pop("SGLANG_USE_CPU_ENGINE", None)
     env.pop("SGLANG_PLUGINS", None)
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    jobs = [(text, {}) for text in prompts()]
-    jobs[2:2] = list(special.values())
-    with open(log_path, "w") as log:
-        proc = processes.popen([sys.executable, "-m", "dspark_plugin.sglang.launcher", "--model-path", str(target),
-                                "--host", "127.0.0.1", "--port", str(port), "--speculative-algorithm", "DSPARK",
-                                "--speculative-draft-model-path", str(DRAFTER)], stdout=log, stderr=log, env=env)
-        try:
-            wait_healthy(port, proc)
-            with ThreadPoolExecutor(4) as pool:   # 4 requests in flight: batches of several, joining and finishing
-                outs = list(pool.map(lambda job: generate(port, job[0], **job[1]), jobs))
-            alive = generate(port, prompts()[0])   # the server still serves after them all
-        finally:
+    jobs = {"default": [(text, {}) for text in prompts()], "fixed": [(text, {}) for text in prompts()]}
+    jobs["default"][2:2] = list(special.values())
+    ports = {name: free_port() for name in jobs}
+    procs = {}
+    try:
+        for name in jobs:
+            with open(tmp / f"server-{name}.log", "w") as log:
+                procs[name] = processes.popen(
+                    [sys.executable, "-m", "dspark_plugin.sglang.launcher", "--model-path", str(target),
+                     "--host", "127.0.0.1", "--port", str(ports[name]), "--speculative-algorithm", "DSPARK",
+                     "--speculative-draft-model-path", str(DRAFTER)], stdout=log, stderr=log,
+                    env={**env, "DSPARK_SCHEDULER": "fixed"} if name == "fixed" else env)
+        for name, proc in procs.items():
+            wait_healthy(ports[name], proc)
+
+        def serve(name: str) -> list[dict]:
+            with ThreadPoolExecutor(4) as pool:
+                return list(pool.map(lambda job: generate(ports[name], job[0], **job[1]), jobs[name]))
+
+        with ThreadPoolExecutor(2) as both:
+            outs = dict(zip(jobs, both.map(serve, jobs)))
+        alive = generate(ports["default"], prompts()[0])   # the server still serves after them all
+    finally:
+        for proc in procs.values():
             processes.stop_group(proc.pid)
-    log_text = log_path.read_text()
-    assert "PLUGIN_DSPARK: drafter" in log_text
-    special_outs = dict(zip(special, outs[2:2 + len(special)]))
-    del outs[2:2 + len(special)]
-    return {"greedy": outs, "special": special_outs, "requests": special, "alive": alive, "log": log_text}
+    logs = {name: (tmp / f"server-{name}.log").read_text() for name in jobs}
+    assert all("PLUGIN_DSPARK: drafter" in log for log in logs.values())
+    special_outs = dict(zip(special, outs["default"][2:2 + len(special)]))
+    del outs["default"][2:2 + len(special)]
+    return {"greedy": outs["default"], "fixed": outs["fixed"], "special": special_outs, "requests": special,
+            "alive": alive, "log": logs["default"], "fixed_log": logs["fixed"]}
 
 
 @pytest.mark.slow
@@ -132,12 +149,13 @@ def test_greedy_outputs_equal_the_targets_and_drafts_are_accepted_as_in_the_refe
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     runner = ReferenceRunner(target, load_drafter(DRAFTER, target=target))
     accepted = 0
-    for text, out in zip(prompts(), served["greedy"]):
+    for text, out, default in zip(prompts(), served["fixed"], served["greedy"]):
         enc = tok(text, return_tensors="pt")
         plain = target.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=NEW_TOKENS,
                                 do_sample=False, eos_token_id=EOS, pad_token_id=tok.pad_token_id)
         want = plain[0, enc.input_ids.shape[1]:].tolist()
         assert out["output_ids"] == want, text
+        assert default["output_ids"] == want, text   # the defaults: planned verify lengths, the draft gate
         ref = runner.generate(enc.input_ids[0].tolist(), NEW_TOKENS, eos_token_ids={EOS})
         assert ref.tokens == want
         meta = out["meta_info"]
@@ -145,6 +163,10 @@ def test_greedy_outputs_equal_the_targets_and_drafts_are_accepted_as_in_the_refe
         accepted += meta["spec_num_correct_drafts"]
     assert accepted > 0
     assert served["alive"]["output_ids"] == served["greedy"][0]["output_ids"]
+    assert "dspark-plugin scheduler: fixed (requested fixed)" in served["fixed_log"]
+    assert "dspark-plugin scheduler: mode early_stop, SPS curve learned online (new; saved to" in served["log"]
+    assert "dspark-plugin draft gate: on" in served["log"]
+    assert sum(out["meta_info"]["spec_num_correct_drafts"] for out in served["greedy"]) > 0
 
 
 @pytest.mark.slow
