@@ -34,7 +34,7 @@ def register() -> None:
         return
 
     from dspark_plugin.vllm.patches import install_all
-    from dspark_plugin.vllm.patches._guard import disabled_patches
+    from dspark_plugin.patching import disabled_patches
 
     installed = install_all()  # engine fixes every server on this build needs, and the DSpark method
 

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from dspark_plugin.errors import DSparkError  # noqa: E402
 from dspark_plugin.sglang import launcher, patches  # noqa: E402
 from dspark_plugin.sglang.patches import cpu_assign_req_to_token_pool  # noqa: E402
-from dspark_plugin.sglang.patches._guard import ENV_DISABLE, disabled_patches  # noqa: E402
+from dspark_plugin.patching import ENV_DISABLE, disabled_patches  # noqa: E402
 from harness import processes  # noqa: E402
 
 DIFFS = Path(__file__).resolve().parents[2] / "patches"
@@ -127,7 +127,7 @@ log = logging.getLogger("sglang.dspark_plugin")
 log.addHandler(handler)
 log.setLevel(logging.INFO)
 from dspark_plugin.sglang import patches, plugin
-from dspark_plugin.sglang.patches._guard import is_patched
+from dspark_plugin.patching import is_patched
 
 def resolve(target):
     module, attrs = target.split(":")

@@ -23,7 +23,7 @@ def test_plugin_installs_the_fix_on_cpu():
     from vllm.v1.worker import gpu_model_runner as gmr
 
     from dspark_plugin.vllm.patches import cpu_seeded_chunked_prefill as patch
-    from dspark_plugin.vllm.patches._guard import source_has
+    from dspark_plugin.patching import source_has
     from dspark_plugin.vllm.plugin import register
 
     assert patch.cpu_generators_lack_offsets()  # the torch fact the bug rests on

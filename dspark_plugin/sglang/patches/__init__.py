@@ -6,7 +6,7 @@ outside speculative algorithm run there. Each file says what it replaces and in 
 the upstream diff in `patches/` that makes it unnecessary, when to delete it, and its scope;
 `applies()` checks the host (no CUDA, no CPU engine) and that the installed source still has the
 shape it was written against, so a CUDA server or a fixed SGLang is left alone; `install()` goes
-through `_guard.replace`, which refuses to patch one attribute twice. `DSPARK_DISABLE_PATCHES=a,b`
+through `dspark_plugin.patching.replace`, which refuses to patch one attribute twice. `DSPARK_DISABLE_PATCHES=a,b`
 switches patches off by name; the server logs one line saying which are on, off or not needed.
 `plugin.register()` calls `install_all()` in every process SGLang loads plugins in.
 
@@ -30,7 +30,7 @@ import importlib
 import logging
 from typing import Any
 
-from dspark_plugin.sglang.patches._guard import disabled_patches
+from dspark_plugin.patching import disabled_patches
 
 logger = logging.getLogger("sglang.dspark_plugin.patches")
 

@@ -70,7 +70,7 @@ def applies() -> bool:
         return False
     from sglang.srt.mem_cache import allocation
 
-    from dspark_plugin.sglang.patches._guard import source_has
+    from dspark_plugin.patching import source_has
 
     return not allocation._is_cpu and source_has(allocation.assign_req_to_token_pool_func,
                                                  "assign_req_to_token_pool[(batch_size,)]")
@@ -80,7 +80,7 @@ def install() -> None:
     from sglang.srt.mem_cache import allocation
     from sglang.srt.speculative import spec_utils
 
-    from dspark_plugin.sglang.patches._guard import replace
+    from dspark_plugin.patching import replace
 
     wrapper = _make_wrapper(allocation.assign_req_to_token_pool_func)
     replace(allocation, "assign_req_to_token_pool_func", wrapper, NAME)

@@ -55,7 +55,7 @@ def applies() -> bool:
         return False
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-    from dspark_plugin.sglang.patches._guard import source_has
+    from dspark_plugin.patching import source_has
 
     return source_has(MHATokenToKVPool._init_kv_copy_and_warmup, "copy_all_layer_kv_cache_func(")
 
@@ -63,7 +63,7 @@ def applies() -> bool:
 def install() -> None:
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-    from dspark_plugin.sglang.patches._guard import replace
+    from dspark_plugin.patching import replace
 
     replace(MHATokenToKVPool, "_init_kv_copy_and_warmup", _make_wrapper(MHATokenToKVPool._init_kv_copy_and_warmup),
             NAME)

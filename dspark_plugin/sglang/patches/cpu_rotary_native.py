@@ -39,7 +39,7 @@ def applies() -> bool:
         return False
     from sglang.srt.layers.rotary_embedding import base
 
-    from dspark_plugin.sglang.patches._guard import source_has
+    from dspark_plugin.patching import source_has
 
     return not base._is_cpu and source_has(base.RotaryEmbedding.__init__, "vllm._custom_ops")
 
@@ -47,7 +47,7 @@ def applies() -> bool:
 def install() -> None:
     from sglang.srt.layers.rotary_embedding import base
 
-    from dspark_plugin.sglang.patches._guard import replace
+    from dspark_plugin.patching import replace
 
     replace(base, "_is_cpu", True, NAME)
     logger.info("dspark-plugin: rotary embeddings use SGLang's native torch path (CPU host without "

@@ -3,7 +3,7 @@
 Each file says what it replaces and in which process, why, the upstream diff in `patches/` that
 makes it unnecessary, when to delete it, and its scope; `applies()` checks the installed source
 still has the shape (or the bug) the patch was written against, so a fixed vLLM is left alone;
-`install()` goes through `_guard.replace`, which refuses to patch one attribute twice.
+`install()` goes through `dspark_plugin.patching.replace`, which refuses to patch one attribute twice.
 `DSPARK_DISABLE_PATCHES=a,b` switches patches off by name; the server logs one line saying which
 are on, off or not needed. `plugin.register()` calls `install_all()` in every process vLLM starts.
 
@@ -45,7 +45,7 @@ from typing import Any
 
 from vllm.logger import init_logger
 
-from dspark_plugin.vllm.patches._guard import disabled_patches
+from dspark_plugin.patching import disabled_patches
 
 logger = init_logger("vllm.dspark_plugin.patches")
 

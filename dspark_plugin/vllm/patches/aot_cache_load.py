@@ -86,7 +86,7 @@ def applies() -> bool:
     """Whether the installed vLLM's loader has the unguarded finalize step this patch removes."""
     from vllm.compilation import decorators as dec
 
-    from dspark_plugin.vllm.patches._guard import source_has
+    from dspark_plugin.patching import source_has
 
     loader = getattr(dec, "_try_load_aot_compiled_fn", None)
     return loader is not None and source_has(loader, _SOURCE_BUG)
@@ -95,6 +95,6 @@ def applies() -> bool:
 def install() -> None:
     from vllm.compilation import decorators as dec
 
-    from dspark_plugin.vllm.patches._guard import replace
+    from dspark_plugin.patching import replace
 
     replace(dec, "_try_load_aot_compiled_fn", _load, NAME)

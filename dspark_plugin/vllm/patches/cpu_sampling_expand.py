@@ -64,7 +64,7 @@ def applies() -> bool:
 def install() -> None:
     from vllm.v1.sample import rejection_sampler
 
-    from dspark_plugin.vllm.patches._guard import replace
+    from dspark_plugin.patching import replace
 
     replace(rejection_sampler, "expand_batch_to_tokens", expand_batch_to_tokens, NAME)
     logger.info("dspark-plugin: replaced vLLM's expand_batch_to_tokens (wrong on this build) for lossless "

@@ -57,7 +57,7 @@ def applies() -> bool:
     from vllm.platforms import current_platform
     from vllm.v1.worker import gpu_model_runner as gmr
 
-    from dspark_plugin.vllm.patches._guard import source_has
+    from dspark_plugin.patching import source_has
 
     runner_cls = gmr.GPUModelRunner
     if not current_platform.is_cpu() or not cpu_generators_lack_offsets():
@@ -68,7 +68,7 @@ def applies() -> bool:
 def install() -> None:
     from vllm.v1.worker import gpu_model_runner as gmr
 
-    from dspark_plugin.vllm.patches._guard import replace
+    from dspark_plugin.patching import replace
 
     runner_cls = gmr.GPUModelRunner
     sample, bookkeeping = runner_cls._sample, runner_cls._bookkeeping_sync

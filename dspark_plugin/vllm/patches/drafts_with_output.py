@@ -68,7 +68,7 @@ def applies() -> bool:
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.worker import gpu_model_runner as gmr
 
-    from dspark_plugin.vllm.patches._guard import source_has
+    from dspark_plugin.patching import source_has
 
     runner_cls = gmr.GPUModelRunner
     sample, take = getattr(runner_cls, "sample_tokens", None), getattr(runner_cls, "take_draft_token_ids", None)
@@ -79,7 +79,7 @@ def applies() -> bool:
 def _install_worker() -> None:
     from vllm.v1.worker import gpu_model_runner as gmr
 
-    from dspark_plugin.vllm.patches._guard import replace
+    from dspark_plugin.patching import replace
 
     sample = gmr.GPUModelRunner.sample_tokens
 
@@ -99,7 +99,7 @@ def _install_engine_core() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine.core import EngineCore
 
-    from dspark_plugin.vllm.patches._guard import replace
+    from dspark_plugin.patching import replace
 
     update, post_step = Scheduler.update_from_output, EngineCore.post_step
 

@@ -55,7 +55,7 @@ def applies() -> bool:
     from vllm.platforms import current_platform
     from vllm.v1.worker import gpu_model_runner as gmr
 
-    from dspark_plugin.vllm.patches._guard import source_has
+    from dspark_plugin.patching import source_has
 
     prepare = getattr(gmr.GPUModelRunner, "_prepare_inputs", None)
     if not current_platform.is_cpu() or prepare is None or not source_has(prepare, SPEC_PATH):
@@ -67,7 +67,7 @@ def install(part: str | None = None) -> None:
     """Install the wrapper (the one part, "worker"; `part` is for the index's calls)."""
     from vllm.v1.worker import gpu_model_runner as gmr
 
-    from dspark_plugin.vllm.patches._guard import replace
+    from dspark_plugin.patching import replace
 
     if part not in (None, *PARTS):
         raise ValueError(f"{NAME} has no part {part!r}")

@@ -62,7 +62,7 @@ def applies() -> bool:
     from vllm.config import VllmConfig
     from vllm.v1.worker import gpu_model_runner as gmr
 
-    from dspark_plugin.vllm.patches._guard import source_has
+    from dspark_plugin.patching import source_has
     from dspark_plugin.vllm.versions import installed_vllm
 
     build = installed_vllm()
@@ -104,7 +104,7 @@ def install() -> None:
     from vllm.v1.worker import gpu_model_runner as gmr
 
     from dspark_plugin.vllm.patches import install_for_dspark
-    from dspark_plugin.vllm.patches._guard import replace
+    from dspark_plugin.patching import replace
 
     registry = _registry()
     if registry is not None:

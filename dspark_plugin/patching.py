@@ -1,14 +1,14 @@
-"""What every patch in this folder goes through: one switch list, one guard per attribute, one
-source check (the SGLang twin of `dspark_plugin/vllm/patches/_guard.py`, kept separate because
-that package imports vLLM, which an SGLang environment does not have).
+"""What every runtime patch of both adapters goes through (dspark_plugin/vllm/patches/,
+dspark_plugin/sglang/patches/): one switch list, one guard per attribute, one source check. Engine-free,
+so an SGLang environment, which has no vLLM, imports it too.
 
-`DSPARK_DISABLE_PATCHES` is a comma-separated list of patch names (the file names of this folder,
-listed in `__init__.INDEX`) that must not be installed; an unknown name refuses to start, naming the
-variable. `replace` refuses to patch an attribute twice (a second plugin load, or two patches
-fighting over one attribute, would otherwise stack silently); unlike the vLLM guard it also takes
-plain values (SGLang keeps device decisions in module-level booleans such as `_is_cpu`), so the
-record of what was replaced is a table, not a mark on the new object. `source_has` is how a patch's
-`applies()` checks that the installed SGLang still has the code it was written against.
+`DSPARK_DISABLE_PATCHES` is a comma-separated list of patch names (the file names of a patch folder,
+listed in its `__init__.INDEX`) that must not be installed; an unknown name refuses to start, naming the
+variable. `replace` refuses to patch an attribute twice (a second plugin load, or two patches fighting
+over one attribute, would otherwise stack silently). It takes functions and plain values alike (SGLang
+keeps device decisions in module-level booleans such as `_is_cpu`), so what was replaced is kept in a
+table, not as a mark on the new object. `source_has` is how a patch's `applies()` checks that the
+installed engine still has the code it was written against.
 """
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ _REPLACED: dict[tuple[int, str], tuple[str, Any]] = {}
 
 
 def disabled_patches(known: Iterable[str], env: Mapping[str, str] | None = None) -> frozenset[str]:
-    """Names in DSPARK_DISABLE_PATCHES; one error naming the variable for a name that is not a patch."""
+    """Names in DSPARK_DISABLE_PATCHES; one error naming the variable for a name that is not a patch of
+    `known` (one engine's index: the other engine's names are unknown there)."""
     names = envs.read(ENV_DISABLE, env)
     unknown = sorted(names - set(known))
     if unknown:
-        raise DSparkError(f"environment variable {ENV_DISABLE}: unknown SGLang patch name(s) "
-                          f"{', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise DSparkError(f"environment variable {ENV_DISABLE}: unknown patch name(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
     return names
 
 
@@ -43,7 +44,7 @@ def replace(owner: Any, attr: str, new: Any, patch: str) -> Any:
                            f"{_REPLACED[key][0]!r}; patch {patch!r} would stack on it")
     old = getattr(owner, attr)
     if callable(new) and not hasattr(new, "__wrapped__"):
-        new.__wrapped__ = old   # keeps SGLang's original reachable, so `source_has` still reads its code
+        new.__wrapped__ = old   # keeps the engine's original reachable, so `source_has` still reads its code
     setattr(owner, attr, new)
     _REPLACED[key] = (patch, old)
     return old
