@@ -85,8 +85,8 @@ def sglang_target_probs(logits: torch.Tensor, temperature: float, top_k: int, to
 
 
 class _StepTiming:
-    """Where a decode step's time goes, logged every `every` steps: drafting, the verify forward, acceptance
-    and context (the numbers a verify planner for this worker would start from)."""
+    """Where a decode step's time goes, logged every `every` steps: drafting and planning, the target pass
+    with acceptance, the drafter's context."""
 
     def __init__(self, every: int = 256):
         self.every = every
@@ -105,8 +105,9 @@ class _StepTiming:
         self.accept_s += accept_s
         if self.steps == self.every:
             ms = 1000.0 / self.steps
-            logger.info("PLUGIN_DSPARK: %d decode steps, %.2f requests each: draft %.1f ms, verify %.1f ms, "
-                        "accept %.1f ms per step; %.2f tokens per request-step", self.steps, self.rows / self.steps,
+            logger.info("PLUGIN_DSPARK: %d decode steps, %.2f requests each: draft %.1f ms, target pass and "
+                        "acceptance %.1f ms, context %.1f ms per step; %.2f tokens per request-step", self.steps,
+                        self.rows / self.steps,
                         self.draft_s * ms, self.verify_s * ms, self.accept_s * ms, self.tokens / max(self.rows, 1))
             self.reset()
 
@@ -353,33 +354,17 @@ def _build_worker_class() -> type:
             if count == 1 or count % 100 == 0:
                 (logger.exception if traceback else logger.warning)("PLUGIN_DSPARK: %s (%d times)", what, count)
 
-        # -- one decode step ------------------------------------------------------------------------
-        def _decode(self, batch: Any, on_publish: Any) -> Any:
-            from sglang.srt.managers.utils import GenerationBatchResult
+        def _verify(self, batch: Any, anchors: torch.Tensor, seq_lens: torch.Tensor, blocks: list[Any],
+                    lengths: list[int], params: list[tuple[float, int, float]]) -> tuple:
+            """[anchor, d_1 .. d_k] of every request through the target in one TARGET_VERIFY pass over the first
+            k + 1 slots the scheduler reserved, then the core's acceptance -> (tokens [bs, n], accept_lens [bs],
+            taps [sum(k + 1), ..], where each request's rows start, the logits output)."""
             from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
             from sglang.srt.speculative.ngram_info import NgramVerifyInput
 
             from dspark_plugin.decode.verify import verify_greedy, verify_rejection
 
-            t0 = time.perf_counter()
-            params = self._sampling_params(batch)
-            self._forget_finished(batch)
             bs, n = len(batch.reqs), self.num_draft_tokens
-            g = n - 1
-            seq_lens = batch.seq_lens.to(torch.int64)
-            anchors = torch.tensor([req.output_ids[-1] for req in batch.reqs], dtype=torch.int64)
-
-            # Requests SGLang's own sampler must decode (penalties, grammar, ...) are verified without drafts.
-            deterministic = batch.sampling_info.sampling_seed is not None   # SGLang's seeded per-position draws
-            plain = [("deterministic inference" if deterministic else needs_plain_decoding(req)) for req in batch.reqs]
-            for reason in {r for r in plain if r and r not in self._logged_plain}:
-                self._logged_plain.add(reason)
-                logger.info("PLUGIN_DSPARK: requests with %s are decoded without drafts (SGLang's sampler)", reason)
-
-            # 1) Draft (unless the draft gate closes the step), then plan how many drafts each request verifies.
-            blocks = self._draft(batch, anchors, seq_lens, params, plain, t0)
-            t1 = time.perf_counter()
-            lengths = self._plan(blocks, g, t0, t1)
             verify = [torch.cat([anchors[i:i + 1], blocks[i].tokens[0, :k]]) if k else anchors[i:i + 1]
                       for i, k in enumerate(lengths)]                           # [anchor, d_1 .. d_k] per request
             sizes = [k + 1 for k in lengths]
@@ -423,7 +408,6 @@ def _build_worker_class() -> type:
             finally:
                 (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.spec_info, batch.seq_lens,
                  batch.seq_lens_cpu, batch.seq_lens_sum) = saved
-            t2 = time.perf_counter()
             flat_logits = out.logits_output.next_token_logits                     # [sum(k + 1), V]
             taps = out.logits_output.hidden_states                               # [sum(k + 1), taps]
             out.logits_output.hidden_states = None
@@ -451,6 +435,69 @@ def _build_worker_class() -> type:
                 kept = int(row.num_accepted[0]) + 1
                 tokens[i, :kept] = row.tokens[0, :kept]
                 accept_lens[i] = kept
+            return tokens, accept_lens, taps, starts, out.logits_output
+
+        def _decode_without_drafts(self, batch: Any, anchors: torch.Tensor, seq_lens: torch.Tensor) -> tuple:
+            """A step that verifies no drafts (the gate closed it, or every row is SGLang's sampler's) runs
+            SGLang's own DECODE pass over the first reserved slot and its sampler: what a plain server's step
+            computes (a one-token TARGET_VERIFY costs ~15% more on CPU, BENCHMARKS.md "SGLang serving"), with
+            the taps of the anchor for the drafter's context. Same return as `_verify`."""
+            from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
+
+            bs, n = len(batch.reqs), self.num_draft_tokens
+            pool = batch.req_pool_indices.to(torch.int64)
+            saved = (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.spec_info, batch.seq_lens,
+                     batch.seq_lens_cpu, batch.seq_lens_sum)
+            batch.forward_mode = ForwardMode.DECODE
+            batch.input_ids = anchors.to(self.device)
+            batch.out_cache_loc = batch.req_to_token_pool.req_to_token[pool, seq_lens].to(torch.int64)
+            batch.seq_lens = (seq_lens + 1).to(saved[4].dtype)   # a decode batch counts its input token
+            batch.seq_lens_cpu = batch.seq_lens.cpu()
+            batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
+            batch.spec_info = None
+            try:
+                out = self._target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
+            finally:
+                (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.spec_info, batch.seq_lens,
+                 batch.seq_lens_cpu, batch.seq_lens_sum) = saved
+            taps = out.logits_output.hidden_states                               # [bs, taps]
+            out.logits_output.hidden_states = None
+            tokens = torch.zeros(bs, n, dtype=torch.int64)
+            tokens[:, 0] = out.next_token_ids.view(-1).to(torch.int64).cpu()
+            return tokens, torch.ones(bs, dtype=torch.int32), taps, list(range(bs)), out.logits_output
+
+        # -- one decode step ------------------------------------------------------------------------
+        def _decode(self, batch: Any, on_publish: Any) -> Any:
+            from sglang.srt.managers.utils import GenerationBatchResult
+            from sglang.srt.speculative.ngram_info import NgramVerifyInput
+
+            t0 = time.perf_counter()
+            params = self._sampling_params(batch)
+            self._forget_finished(batch)
+            bs, n = len(batch.reqs), self.num_draft_tokens
+            g = n - 1
+            seq_lens = batch.seq_lens.to(torch.int64)
+            anchors = torch.tensor([req.output_ids[-1] for req in batch.reqs], dtype=torch.int64)
+
+            # Requests SGLang's own sampler must decode (penalties, grammar, ...) are verified without drafts.
+            deterministic = batch.sampling_info.sampling_seed is not None   # SGLang's seeded per-position draws
+            plain = [("deterministic inference" if deterministic else needs_plain_decoding(req)) for req in batch.reqs]
+            for reason in {r for r in plain if r and r not in self._logged_plain}:
+                self._logged_plain.add(reason)
+                logger.info("PLUGIN_DSPARK: requests with %s are decoded without drafts (SGLang's sampler)", reason)
+
+            # 1) Draft (unless the draft gate closes the step), then plan how many drafts each request verifies.
+            blocks = self._draft(batch, anchors, seq_lens, params, plain, t0)
+            t1 = time.perf_counter()
+            lengths = self._plan(blocks, g, t0, t1)
+            if any(lengths):   # 2-3) verify the planned prefixes in one pass, accept
+                tokens, accept_lens, taps, starts, logits_output = self._verify(batch, anchors, seq_lens, blocks,
+                                                                               lengths, params)
+            else:               # nothing to verify: SGLang's own decode step and sampler
+                tokens, accept_lens, taps, starts, logits_output = self._decode_without_drafts(batch, anchors,
+                                                                                               seq_lens)
+            t2 = time.perf_counter()
+            sizes = [k + 1 for k in lengths]
             accept_tokens = tokens.to(torch.int32)
             for i, req in enumerate(batch.reqs):   # taps of the anchor + accepted drafts
                 self._append_context(req.rid, taps[starts[i]:starts[i] + int(accept_lens[i])], int(seq_lens[i]))
@@ -462,7 +509,7 @@ def _build_worker_class() -> type:
                 on_publish(new_seq_lens)
             next_draft_input = NgramVerifyInput(draft_token_num=n, new_seq_lens=new_seq_lens,
                                                 accept_tokens=accept_tokens.flatten(), accept_lens=accept_lens)
-            return GenerationBatchResult(logits_output=out.logits_output, next_token_ids=accept_tokens.flatten(),
+            return GenerationBatchResult(logits_output=logits_output, next_token_ids=accept_tokens.flatten(),
                                          can_run_cuda_graph=False, accept_lens=accept_lens, new_seq_lens=new_seq_lens,
                                          next_draft_input=next_draft_input, speculative_num_draft_tokens=n)
 
