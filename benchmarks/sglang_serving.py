@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import re
-import socket
 import sys
 import time
 import urllib.request
@@ -32,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from dspark_plugin.reference.prompts import read_prompts  # noqa: E402
 from harness import processes  # noqa: E402
+from harness.sglang_serving import free_port, launch, wait_healthy  # noqa: E402
 from harness.vllm_testing import smollm2_target  # noqa: E402
 
 DATA = next((d for d in (REPO.parent / "shared" / "data", Path("/work/shared/data")) if d.is_dir()),
@@ -45,27 +45,6 @@ CONFIGS = {
     "dspark": lambda drafter: ["--speculative-algorithm", "DSPARK", "--speculative-draft-model-path", str(drafter)],
 }
 STEP_LINE = re.compile(r"PLUGIN_DSPARK: \d+ decode steps.*")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(port: int, proc, timeout: float = 600.0) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode} before it was healthy")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return time.monotonic() - start
-        except OSError:
-            pass
-        time.sleep(2)
-    raise RuntimeError(f"no healthy server on port {port} after {timeout} s")
 
 
 def generate(port: int, text: str, max_tokens: int) -> dict:
@@ -83,14 +62,11 @@ def run_server(name: str, extra: list[str], target: Path, sets: dict[str, list[s
                max_tokens: int, out_dir: Path) -> dict:
     port = free_port()
     log_path = out_dir / f"server-{name}.log"
-    env = dict(os.environ)
-    env.pop("SGLANG_PLUGINS", None)
     result: dict = {"name": name, "args": extra, "runs": []}
     with open(log_path, "w") as log:
-        proc = processes.popen([sys.executable, "-m", "dspark_plugin.sglang.launcher", "--model-path", str(target),
-                                "--host", "127.0.0.1", "--port", str(port), *extra], stdout=log, stderr=log, env=env)
+        proc = launch(target, port, extra, log)
         try:
-            result["startup_s"] = wait_healthy(port, proc)
+            result["startup_s"] = wait_healthy(port, proc, timeout=600.0)
             generate(port, chat("Hello"), 8)   # first-request costs out of the timings
             for c in concurrencies:
                 for dataset, prompts in sets.items():

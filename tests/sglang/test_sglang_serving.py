@@ -7,9 +7,6 @@ fails with one line where the plugin's entry point is not (the scheduler would n
 from __future__ import annotations
 
 import json
-import os
-import sys
-import time
 import urllib.request
 
 import pytest
@@ -27,33 +24,11 @@ import torch  # noqa: E402
 
 from dspark_plugin.sglang import launcher  # noqa: E402
 from harness import processes  # noqa: E402
+from harness.sglang_serving import free_port, launch, wait_healthy  # noqa: E402
 from harness.vllm_testing import smollm2_target  # noqa: E402
 
 PROMPT = "<|im_start|>user\nWhat is 12 times 7?<|im_end|>\n<|im_start|>assistant\n"
 NEW_TOKENS = 48
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(port: int, proc, timeout: float = 420.0) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited with {proc.returncode} before it was healthy")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return time.monotonic() - start
-        except OSError:
-            pass
-        time.sleep(2)
-    raise AssertionError(f"no healthy server on port {port} after {timeout} s")
 
 
 def generate(port: int, text: str, max_new_tokens: int) -> dict:
@@ -83,12 +58,8 @@ def test_plain_server_through_the_launcher_equals_hugging_face(tmp_path, one_thr
         f"{launcher.ENTRY_POINT_GROUP}: dspark = {launcher.ENTRY_POINT} is not installed: pip install the package")
     target = smollm2_target()
     port = free_port()
-    env = dict(os.environ)
-    env.pop("SGLANG_USE_CPU_ENGINE", None)
-    env.pop("SGLANG_PLUGINS", None)
     log = open(tmp_path / "server.log", "w")
-    proc = processes.popen([sys.executable, "-m", "dspark_plugin.sglang.launcher", "--model-path", str(target),
-                            "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=log, env=env)
+    proc = launch(target, port, [], log)
     try:
         wait_healthy(port, proc)
         out = generate(port, PROMPT, NEW_TOKENS)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,11 +37,12 @@ import torch  # noqa: E402
 from dspark_plugin.sglang import launcher  # noqa: E402
 from harness import processes  # noqa: E402
 from harness.vllm_testing import smollm2_target  # noqa: E402
-from test_sglang_serving import free_port, wait_healthy  # noqa: E402  (tests/sglang/, beside this file)
+from harness.sglang_serving import free_port, launch, wait_healthy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 # The product drafter (a pruned 8k draft vocabulary), as in the README.
 DRAFTER = REPO / "drafters" / "smollm2-135m-dspark-vanilla-b7-v8k"
+SPEC_ARGS = ["--speculative-algorithm", "DSPARK", "--speculative-draft-model-path", str(DRAFTER)]
 DATA = REPO.parent / "shared" / "data"
 NEW_TOKENS = 48
 EOS = 2   # <|im_end|>: SmolLM2-Instruct's end of turn, where SGLang stops a chat answer
@@ -102,8 +102,6 @@ def served(tmp_path_factory) -> dict:
     special = special_requests(first_greedy_token(target, prompts()[0]))
     tmp = tmp_path_factory.mktemp("servers")
     env = dict(os.environ, DSPARK_CACHE_DIR=str(tmp / "cache"))   # no curve learned by an earlier run
-    env.pop("SGLANG_USE_CPU_ENGINE", None)
-    env.pop("SGLANG_PLUGINS", None)
     jobs = {"default": [(text, {}) for text in prompts()], "fixed": [(text, {}) for text in prompts()]}
     jobs["default"][2:2] = list(special.values())
     ports = {name: free_port() for name in jobs}
@@ -111,11 +109,8 @@ def served(tmp_path_factory) -> dict:
     try:
         for name in jobs:
             with open(tmp / f"server-{name}.log", "w") as log:
-                procs[name] = processes.popen(
-                    [sys.executable, "-m", "dspark_plugin.sglang.launcher", "--model-path", str(target),
-                     "--host", "127.0.0.1", "--port", str(ports[name]), "--speculative-algorithm", "DSPARK",
-                     "--speculative-draft-model-path", str(DRAFTER)], stdout=log, stderr=log,
-                    env={**env, "DSPARK_SCHEDULER": "fixed"} if name == "fixed" else env)
+                procs[name] = launch(target, ports[name], SPEC_ARGS, log,
+                                     env={**env, "DSPARK_SCHEDULER": "fixed"} if name == "fixed" else env)
         for name, proc in procs.items():
             wait_healthy(ports[name], proc)
 
@@ -256,13 +251,8 @@ def test_sampled_second_token_follows_the_target_distribution(tmp_path, one_thre
 
     target_dir = smollm2_target()
     port = free_port()
-    env = dict(os.environ)
-    env.pop("SGLANG_USE_CPU_ENGINE", None)
-    env.pop("SGLANG_PLUGINS", None)
     with open(tmp_path / "server.log", "w") as log:
-        proc = processes.popen([sys.executable, "-m", "dspark_plugin.sglang.launcher", "--model-path", str(target_dir),
-                                "--host", "127.0.0.1", "--port", str(port), "--speculative-algorithm", "DSPARK",
-                                "--speculative-draft-model-path", str(DRAFTER)], stdout=log, stderr=log, env=env)
+        proc = launch(target_dir, port, SPEC_ARGS, log)
         try:
             wait_healthy(port, proc)
             sampling = {**params, "max_new_tokens": 2, "ignore_eos": True}
