@@ -497,11 +497,10 @@ def _build_worker_class() -> type:
                 tokens, accept_lens, taps, starts, logits_output = self._decode_without_drafts(batch, anchors,
                                                                                                seq_lens)
             t2 = time.perf_counter()
-            sizes = [k + 1 for k in lengths]
             accept_tokens = tokens.to(torch.int32)
             for i, req in enumerate(batch.reqs):   # taps of the anchor + accepted drafts
                 self._append_context(req.rid, taps[starts[i]:starts[i] + int(accept_lens[i])], int(seq_lens[i]))
-            self._last_batch, self._last_step_tokens = bs, sum(sizes)
+            self._last_batch, self._last_step_tokens = bs, bs + sum(lengths)   # tokens the target pass took
             self._last_rejected = sum(lengths) - int(accept_lens.sum()) + bs
             new_seq_lens = (seq_lens + accept_lens).to(batch.seq_lens.dtype)
             self._timing.add(bs, int(accept_lens.sum()), t1 - t0, t2 - t1, time.perf_counter() - t2)
