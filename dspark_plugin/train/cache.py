@@ -9,9 +9,17 @@ target's exact probabilities of its own tokens from those rows of the LM head al
 (train/loss.py), never the 49k-wide head. Caches written before `logz` existed get it computed
 on read. Shards are written to a temporary name and renamed, so an
 interrupted build leaves only whole shards and a rerun continues after the last one.
+
+The target's pass can run its matrix products in bfloat16 (`matmul_dtype`, CPU autocast): the
+residual stream, norms and the log-partition stay float32. On a CPU with AVX-512 bf16 it builds the
+cache ~2x faster; measured on SmolLM2-135M (12 sequences, 2,664 positions): taps within 0.4%
+relative error, the teacher's argmax the same at 99.6% of positions, mean L1 between the two
+teacher distributions 0.014, noise far below what a drafter learns (BENCHMARKS.md, trainer).
+The manifest records it, and one cache keeps one setting.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -27,9 +35,14 @@ from dspark_plugin.train.data import Sequence
 MANIFEST = "manifest.json"
 
 
+MATMUL_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
 def target_features(target: torch.nn.Module, seqs: list[Sequence], layer_ids: list[int],
-                    max_batch_tokens: int = 4096) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                    max_batch_tokens: int = 4096, matmul_dtype: str = "float32",
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(taps [T, m*d], final [T, d]) per sequence, float32, from full-sequence target forwards."""
+    autocast = MATMUL_DTYPES[matmul_dtype]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
     out: list = [None] * len(seqs)
     start = 0
@@ -45,10 +58,11 @@ def target_features(target: torch.nn.Module, seqs: list[Sequence], layer_ids: li
         for r, s in enumerate(group):
             ids[r, : len(s.ids)] = torch.tensor(s.ids)
             att[r, : len(s.ids)] = 1
-        with torch.inference_mode():
+        matmuls = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+        with torch.inference_mode(), matmuls:
             res = target(input_ids=ids, attention_mask=att, output_hidden_states=True, logits_to_keep=1)
-        taps = gather_taps(res.hidden_states, layer_ids)
-        final = res.hidden_states[-1]  # HF appends the final-normed state last
+        taps = gather_taps(res.hidden_states, layer_ids).float()
+        final = res.hidden_states[-1].float()  # HF appends the final-normed state last
         for r, i in enumerate(order[start:end]):
             n = len(seqs[i].ids)
             out[i] = (taps[r, :n].clone(), final[r, :n].clone())
@@ -83,6 +97,7 @@ class ActivationCache:
         meta = json.loads(manifest.read_text())
         self.layer_ids: list[int] = meta["layer_ids"]
         self.hidden_size: int = meta["hidden_size"]
+        self.matmul_dtype: str = meta.get("matmul_dtype", "float32")
         self._where: dict[int, Path] = {}
         self._handles: dict[Path, object] = {}
         self.refresh()
@@ -118,11 +133,19 @@ class ActivationCache:
         return handle.get_tensor(key) if key in handle.keys() else None
 
 
-def open_or_create(path: str | Path, layer_ids: list[int], hidden_size: int, target_name: str) -> ActivationCache:
+def open_or_create(path: str | Path, layer_ids: list[int], hidden_size: int, target_name: str,
+                   matmul_dtype: str | None = None) -> ActivationCache:
+    """Open the cache at `path`, or create it; `matmul_dtype` None accepts the cache's own setting."""
+    if matmul_dtype is not None and matmul_dtype not in MATMUL_DTYPES:
+        raise DSparkError(f"--cache-matmul must be one of {', '.join(MATMUL_DTYPES)}, got {matmul_dtype!r}")
     path = Path(path)
     manifest = path / MANIFEST
     if manifest.is_file():
         meta = json.loads(manifest.read_text())
+        held = meta.get("matmul_dtype", "float32")
+        if matmul_dtype is not None and held != matmul_dtype:
+            raise DSparkError(f"{manifest}: key 'matmul_dtype': the cache was built with {held} matrix products, "
+                              f"--cache-matmul asks for {matmul_dtype}; use another --cache directory")
         if meta.get("hidden_size") != hidden_size or not set(layer_ids) <= set(meta.get("layer_ids", [])):
             raise DSparkError(
                 f"{manifest}: key 'layer_ids': cache holds layers {meta.get('layer_ids')} of hidden size "
@@ -132,7 +155,8 @@ def open_or_create(path: str | Path, layer_ids: list[int], hidden_size: int, tar
         path.mkdir(parents=True, exist_ok=True)
         tmp = path / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps({"layer_ids": list(layer_ids), "hidden_size": hidden_size,
-                                   "target": target_name, "dtype": "float16"}, indent=2) + "\n")
+                                   "target": target_name, "dtype": "float16",
+                                   "matmul_dtype": matmul_dtype or "float32"}, indent=2) + "\n")
         os.replace(tmp, manifest)
     return ActivationCache(path)
 
@@ -149,7 +173,7 @@ def extend_cache(cache: ActivationCache, target: torch.nn.Module, seqs: list[Seq
     lm_head = target.get_output_embeddings()
     for i in range(0, len(todo), shard_size):
         chunk = todo[i : i + shard_size]
-        feats = target_features(target, chunk, cache.layer_ids)
+        feats = target_features(target, chunk, cache.layer_ids, matmul_dtype=cache.matmul_dtype)
         tensors = {}
         for s, (taps, final) in zip(chunk, feats):
             tensors[f"taps.{s.line}"] = _fp16(taps)

@@ -60,6 +60,7 @@ class TrainOptions:
     no_cache: bool = False            # target forward inside the loop instead (large targets)
     cache_only: bool = False
     extend_cache: bool = True         # False: train on the sequences already cached (a separate builder fills it)
+    cache_matmul: str | None = None   # cache build matmuls, "float32" / "bfloat16"; None keeps a cache's own
     save_every: int = 100
     stop_after: int | None = None     # pause (checkpoint and exit) after this step; --resume continues
     save_dtype: str = "bfloat16"
@@ -253,7 +254,8 @@ def train(opts: TrainOptions) -> Path:
         raise DSparkError(f"{opts.data}: no usable sequences (each needs a prompt and >= 2 response tokens)")
     cache = None
     if not opts.no_cache:
-        cache = open_or_create(opts.cache or out / "act_cache", cfg.target_layer_ids, tc.hidden_size, target_dir)
+        cache = open_or_create(opts.cache or out / "act_cache", cfg.target_layer_ids, tc.hidden_size, target_dir,
+                               matmul_dtype=opts.cache_matmul)
         if opts.extend_cache or opts.cache_only:
             extend_cache(cache, target, seqs, progress=opts.progress)
         if opts.cache_only:

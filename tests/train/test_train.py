@@ -168,6 +168,29 @@ def test_online_features_equal_cache(setup):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
 
 
+def test_bfloat16_cache_trains_like_the_float32_cache_and_keeps_its_setting(setup, tmp_path):
+    """--cache-matmul bfloat16 (the cache build's matrix products in bf16) gives features close to the
+    float32 pass and the same loss curve; a cache refuses the other setting, naming the key."""
+    s = setup
+    seqs = read_sequences(s["data"])[:6]
+    layers = drafter_config(s["model"].config, TrainOptions(target="", data="", out=""), 0).target_layer_ids
+    exact = target_features(s["model"], seqs, layers)
+    fast = target_features(s["model"], seqs, layers, matmul_dtype="bfloat16")
+    for (t32, f32), (t16, f16) in zip(exact, fast):
+        assert t16.dtype == torch.float32 and not torch.equal(t16, t32)  # the bf16 products did run
+        assert (t16 - t32).norm() / t32.norm() < 2e-2
+        assert (f16 - f32).norm() / f32.norm() < 2e-2
+    s_bf16 = dict(s, cache=tmp_path / "cache_bf16")
+    bf16 = _train(s_bf16, tmp_path / "bf16", "--steps", "3", "--cache-matmul", "bfloat16")
+    fp32 = _train(s, s["root"] / "cached3b", "--steps", "3")
+    for a, b in zip(fp32, bf16):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
+    assert json.loads((tmp_path / "cache_bf16" / "manifest.json").read_text())["matmul_dtype"] == "bfloat16"
+    argv = ["train", "--target", str(s["target"]), "--data", str(s["data"]), "--out", str(tmp_path / "o"),
+            "--cache", str(tmp_path / "cache_bf16"), "--cache-matmul", "float32", "--threads", "1", "--no-progress"]
+    assert main(argv) == 2
+
+
 def test_init_from_target_copies_the_last_layers(setup):
     from dspark_plugin.train.loop import init_from_target
 
