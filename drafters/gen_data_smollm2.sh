@@ -20,7 +20,9 @@ mkdir -p work_cache/data
 GEN=("$PY" -m dspark_plugin.vllm.gen_data --target "$TARGET")
 log() { echo "$(date -u +%FT%TZ) $*"; }
 
-# The 800 greedy answers of earlier sessions are the same format: start from them.
+# The committed archive of an earlier run (drafters/data_archive.py) first: what it holds is not
+# generated again. Then the 800 greedy answers of the first sessions, the same format.
+[ -f drafters/data/smollm2-135m-train-data.tar.xz ] && "$PY" drafters/data_archive.py unpack
 [ -s work_cache/train_data.jsonl ] || cp drafters/data/smollm2-135m-greedy-responses.jsonl work_cache/train_data.jsonl
 
 log "self-written requests -> work_cache/data/self_prompts.jsonl"
@@ -32,3 +34,4 @@ log "T=1 answers -> work_cache/train_data_t1.jsonl"
 "${GEN[@]}" --prompts work_cache/data/self_prompts.jsonl "$SHARED/gsm8k_train.jsonl" \
   --out work_cache/train_data_t1.jsonl --limit "$SAMPLED" --temperature 1.0 --max-new-tokens 256 --chunk 256 --seed 1
 log "done: $(wc -l < work_cache/train_data.jsonl) greedy, $(wc -l < work_cache/train_data_t1.jsonl) sampled"
+log "to keep them across machines: $PY drafters/data_archive.py pack, then commit the archive"

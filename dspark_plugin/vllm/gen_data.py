@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     done = done_prompts(out)
     todo = [pr for pr in prompts if pr.text not in done]
     print(f"gen-data-vllm: {len(done)} done, {len(todo)} to go", flush=True)
+    if not todo:  # a finished file: no engine start
+        return 0
     tok = AutoTokenizer.from_pretrained(args.target)
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     llm = LLM(model=args.target, dtype="float32", max_model_len=2048, enforce_eager=True, seed=args.seed)
