@@ -107,7 +107,8 @@ def publish(name: str) -> Path:
                f"--num-taps {args['num_taps']} --block-size {args['block_size']} {steps} "
                f"--lr {args['lr']} --batch-size {args['batch_size']} --anchors-per-seq {args['anchors_per_seq']} "
                f"--seed {args['seed']} --save-dtype {args['save_dtype']} --init {args.get('init', 'random')} "
-               f"--threads {args.get('threads') or 2}")
+               f"--threads {args.get('threads') or 2}"
+               + (f" --cache-matmul {args['cache_matmul']}" if args.get("cache_matmul") else ""))
     done = state["step"] >= state["total_steps"]
     init_text = ("; draft layer and final norm start as copies of the target's last layer and norm"
                  if args.get("init") == "target" else "; random init")
