@@ -29,8 +29,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def group_members(pgids: set[int]) -> list[int]:
-    """Every process on the machine whose process group is in `pgids` (from /proc)."""
+def _group_states(pgids: set[int]) -> list[tuple[int, str]]:
+    """(pid, state letter) of every process on the machine whose process group is in `pgids` (/proc)."""
     from pathlib import Path
 
     out = []
@@ -41,19 +41,22 @@ def group_members(pgids: set[int]) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[2]) in pgids:  # field 5, after the command in parentheses
-            out.append(int(entry.name))
+        fields = stat.rsplit(")", 1)[1].split()  # after the command in parentheses: state, ppid, pgrp
+        if int(fields[2]) in pgids:
+            out.append((int(entry.name), fields[0]))
     return out
 
 
+def group_members(pgids: set[int]) -> list[int]:
+    """Every process on the machine whose process group is in `pgids` (from /proc)."""
+    return [pid for pid, _ in _group_states(pgids)]
+
+
 def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    """Whether a process of the group still runs. Zombies do not count: the group's leader is our
+    child and stays a zombie until `Popen.wait` reaps it, after the stop (`killpg(pgid, 0)` alone
+    said "alive" for the whole grace period, a minute per server stop)."""
+    return any(state != "Z" for _, state in _group_states({pgid}))
 
 
 def stop_group(pgid: int, grace: float = 30.0) -> None:
