@@ -143,6 +143,7 @@ def _build_worker_class() -> type:
             from sglang.srt.runtime_context import get_device, get_spec
 
             from dspark_plugin.checkpoint.deepspec import load_drafter
+            from dspark_plugin.policy.circuit_breaker import CircuitBreaker
             from dspark_plugin.policy.engine_plan import make_planner, settings_from_env
 
             self.server_args = server_args
@@ -173,6 +174,7 @@ def _build_worker_class() -> type:
             self._logged_plain: set[str] = set()
             self._timing = _StepTiming()
             self._failures: dict[str, int] = {}
+            self.breaker = CircuitBreaker()   # a drafter failing step after step stops being asked, for a while
             self.vocab_size = int(text.vocab_size)
             # Verify planning and the draft gate: the core's, as the vLLM proposer uses them (DSPARK_SCHEDULER,
             # DSPARK_SPS, DSPARK_DRAFT_GATE, DSPARK_ONLINE_SPS; the curve learned online is saved under "sglang").
@@ -303,6 +305,9 @@ def _build_worker_class() -> type:
                 draft = True
             if not draft:
                 return [None] * bs
+            if not self.breaker.allows():   # paused after failures in a row: the gate did not choose this skip
+                planner.draft_unmeasured()
+                return [None] * bs
             blocks: list[Any] = []
             try:
                 with torch.no_grad():
@@ -322,8 +327,20 @@ def _build_worker_class() -> type:
                         blocks.append(block if ok else None)
             except Exception:  # noqa: BLE001
                 self._failed("drafting failed; decoding this step without drafts")
+                self._breaker_failed()
                 return [None] * bs
+            if any(b is not None for b in blocks):
+                self.breaker.succeeded()
+            elif not all(plain):
+                self._breaker_failed()
             return blocks
+
+        def _breaker_failed(self) -> None:
+            pause = self.breaker.failed()
+            if pause is not None:
+                logger.warning("PLUGIN_DSPARK: %d draft steps in a row failed; no drafting for the next %d steps "
+                               "that would draft, then one try (circuit breaker, opened %d times)",
+                               self.breaker.threshold, pause, self.breaker.times_opened)
 
         def _plan(self, blocks: list[Any], g: int, t0: float, t1: float) -> list[int]:
             """Drafts to verify per request (0 where there is no block): the core's verify planner on the

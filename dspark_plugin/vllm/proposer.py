@@ -51,6 +51,7 @@ from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from dspark_plugin.decode.context_lookup import find_continuation
 from dspark_plugin.decode.draft import DraftBlock, sequential_draft
+from dspark_plugin.policy.circuit_breaker import CircuitBreaker
 from dspark_plugin.policy.engine_plan import SchedulerSettings, VerifyPlanner, make_planner, settings_from_env
 from dspark_plugin.policy.lookup_choice import ChosenDrafts, LookupAcceptance, choose_drafts
 from dspark_plugin.vllm.deferred_context import DeferredContext, context_slots
@@ -106,6 +107,7 @@ class DSparkProposer(DFlashProposer):
         self.last_req_ids: list[str] | None = None
         self.num_failed_steps = 0
         self._failure_kinds: set[str] = set()
+        self.breaker = CircuitBreaker()   # a drafter failing step after step stops being asked, for a while
         self.num_failed_plans = 0
         self._timing = {"steps": 0, "backbone_s": 0.0, "head_s": 0.0}
         self._last_draft_s = 0.0
@@ -275,6 +277,11 @@ class DSparkProposer(DFlashProposer):
             self._failure_kinds.add(kind)
             logger.warning("dspark-plugin: no speculation this step (%s); %d such steps so far",
                            why, self.num_failed_steps)
+        pause = self.breaker.failed()
+        if pause is not None:
+            logger.warning("dspark-plugin: %d draft steps in a row failed; no drafting for the next %d steps "
+                           "that would draft, then one try (circuit breaker, opened %d times)",
+                           self.breaker.threshold, pause, self.breaker.times_opened)
         self._last_draft_probs = None
         self.last_confidence = None
         return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
@@ -332,6 +339,9 @@ class DSparkProposer(DFlashProposer):
         except Exception:  # noqa: BLE001
             logger.exception("dspark-plugin: draft gate failed; drafting this step")
             draft = num_speculative_tokens > 0
+        if draft and not self.breaker.allows():   # paused: the gate did not choose this skip, so no pairing
+            draft = False
+            self.planner.draft_unmeasured()
         draft = self._same_on_every_rank(draft)
         try:
             if not draft:  # nothing to verify this step; its context is kept for the next draft
@@ -376,6 +386,7 @@ class DSparkProposer(DFlashProposer):
         if chosen.probs is not None:
             self._last_draft_probs = chosen.probs.contiguous()
         self.last_confidence = chosen.confidence
+        self.breaker.succeeded()
         return self._verify_prefixes(chosen.tokens, chosen.confidence, pinned)
 
     # -- context lookup --------------------------------------------------------------------

@@ -353,6 +353,20 @@ def test_drafter_faults_mid_run_fall_back_to_plain_decoding(target, drafter_and_
         assert why in log, why
 
 
+def test_a_drafter_failing_every_step_is_paused_by_the_circuit_breaker(target, drafter_and_prompts, plain_outputs,
+                                                                         tmp_path):
+    """The defaults (draft gate, learned step rate from a fresh cache) with a drafter that raises on every
+    draft step: after 8 failures in a row the circuit breaker (policy/circuit_breaker.py) stops asking
+    it, so the run decodes as a plain one, with the plain engine's output and no draft verified."""
+    drafter, prompts = drafter_and_prompts
+    result = run_script(OFFLINE, "broken", target, drafter, prompts[:4], tmp_path, DSPARK_FAULT_INJECTION="raise:1.0",
+                        DSPARK_CACHE_DIR=str(tmp_path / "cache"))
+    assert result["outputs"] == plain_outputs[:4]
+    assert result["metrics"].get("vllm:spec_decode_num_drafts", 0) == 0
+    assert ("dspark-plugin: 8 draft steps in a row failed; no drafting for the next 64 steps that would draft, "
+            "then one try (circuit breaker, opened 1 times)") in result["log"]
+
+
 # Two steps of three skip the draft (a fixed pattern in place of the timing-driven gate, so two runs
 # take the same steps); the worker runs in this process (uni executor) so the pattern and the
 # recorders below reach it. Records every drafted block, the deferred writes and the engine's
