@@ -151,6 +151,7 @@ def test_every_server_patches_install_at_registration(default_case):
             expected = None if target in RUNNER_PARTS else name
             assert at_registration[target] == expected, target
     assert "dspark-plugin patches: aot_cache_load on, cpu_sampling_expand on, cpu_seeded_chunked_prefill on, " \
+           "min_tokens_bonus on, " \
            "v1_dspark_method on, plain_steps_without_drafts on (DSpark runners), " \
            "drafts_with_output on (DSpark runners)" in default_case["log"]
     registered = [line for line in default_case["log"] if line.startswith("dspark-plugin: registered ")]

@@ -12,6 +12,7 @@ are on, off or not needed. `plugin.register()` calls `install_all()` in every pr
 | aot_cache_load             | compilation.decorators._try_load_aot_compiled_fn    | workers     | every server   |
 | cpu_sampling_expand        | v1.sample.rejection_sampler.expand_batch_to_tokens  | workers     | every server   |
 | cpu_seeded_chunked_prefill | GPUModelRunner._sample, ._bookkeeping_sync          | workers     | every server   |
+| min_tokens_bonus           | v1.sample.sampler.Sampler.apply_logits_processors   | workers     | every server   |
 | v1_dspark_method           | VllmConfig._get_v1_model_runner_unsupported_features| front end   | every server,  |
 |                            | GPUModelRunner.__init__                             | workers     | acts on DSpark |
 | plain_steps_without_drafts | GPUModelRunner._prepare_inputs                      | workers     | DSpark only    |
@@ -49,7 +50,7 @@ from dspark_plugin.patching import disabled_patches
 
 logger = init_logger("vllm.dspark_plugin.patches")
 
-INDEX: tuple[str, ...] = ("aot_cache_load", "cpu_sampling_expand", "cpu_seeded_chunked_prefill",
+INDEX: tuple[str, ...] = ("aot_cache_load", "cpu_sampling_expand", "cpu_seeded_chunked_prefill", "min_tokens_bonus",
                           "v1_dspark_method", "plain_steps_without_drafts", "drafts_with_output")
 _installed: dict[str, bool] = {}
 _dspark_parts: dict[str, tuple[str, ...]] = {}   # armed DSpark-only parts, patch name -> parts
