@@ -353,14 +353,16 @@ def test_drafter_faults_mid_run_fall_back_to_plain_decoding(target, drafter_and_
         assert why in log, why
 
 
+@pytest.mark.parametrize("fault", ["raise", "nan", "out_of_range"])
 def test_a_drafter_failing_every_step_is_paused_by_the_circuit_breaker(target, drafter_and_prompts, plain_outputs,
-                                                                         tmp_path):
-    """The defaults (draft gate, learned step rate from a fresh cache) with a drafter that raises on every
-    draft step: after 8 failures in a row the circuit breaker (policy/circuit_breaker.py) stops asking
-    it, so the run decodes as a plain one, with the plain engine's output and no draft verified."""
+                                                                         tmp_path, fault):
+    """The defaults (draft gate, learned step rate from a fresh cache) with a drafter that fails on every
+    draft step, one fault kind at 100%: after 8 failures in a row the circuit breaker
+    (policy/circuit_breaker.py) stops asking it, so the run decodes as a plain one, with the plain
+    engine's output and no draft verified. (A stall only costs time: the gate's subject, 25% above.)"""
     drafter, prompts = drafter_and_prompts
-    result = run_script(OFFLINE, "broken", target, drafter, prompts[:4], tmp_path, DSPARK_FAULT_INJECTION="raise:1.0",
-                        DSPARK_CACHE_DIR=str(tmp_path / "cache"))
+    result = run_script(OFFLINE, "broken", target, drafter, prompts[:4], tmp_path,
+                        DSPARK_FAULT_INJECTION=f"{fault}:1.0", DSPARK_CACHE_DIR=str(tmp_path / "cache"))
     assert result["outputs"] == plain_outputs[:4]
     assert result["metrics"].get("vllm:spec_decode_num_drafts", 0) == 0
     assert ("dspark-plugin: 8 draft steps in a row failed; no drafting for the next 64 steps that would draft, "
