@@ -359,7 +359,7 @@ def test_a_drafter_failing_every_step_is_paused_by_the_circuit_breaker(target, d
     """The defaults (draft gate, learned step rate from a fresh cache) with a drafter that fails on every
     draft step, one fault kind at 100%: after 8 failures in a row the circuit breaker
     (policy/circuit_breaker.py) stops asking it, so the run decodes as a plain one, with the plain
-    engine's output and no draft verified. (A stall only costs time: the gate's subject, 25% above.)"""
+    engine's output and no draft verified."""
     drafter, prompts = drafter_and_prompts
     result = run_script(OFFLINE, "broken", target, drafter, prompts[:4], tmp_path,
                         DSPARK_FAULT_INJECTION=f"{fault}:1.0", DSPARK_CACHE_DIR=str(tmp_path / "cache"))
@@ -368,6 +368,17 @@ def test_a_drafter_failing_every_step_is_paused_by_the_circuit_breaker(target, d
     assert ("dspark-plugin: 8 draft steps in a row failed; no drafting for the next 64 steps that would draft, "
             "then one try (circuit breaker, opened 1 times)") in result["log"]
 
+
+
+def test_a_drafter_stalling_every_step_costs_time_only(target, drafter_and_prompts, plain_outputs, tmp_path):
+    """A stall (0.2 s before every draft) is no failure: the drafts are verified as usual, the output is the
+    plain engine's, and the breaker stays shut (the draft gate weighs the time)."""
+    drafter, prompts = drafter_and_prompts
+    result = run_script(OFFLINE, "stalled", target, drafter, prompts[:4], tmp_path,
+                        DSPARK_FAULT_INJECTION="stall:1.0", DSPARK_CACHE_DIR=str(tmp_path / "cache"))
+    assert result["outputs"] == plain_outputs[:4]
+    assert result["metrics"].get("vllm:spec_decode_num_drafts", 0) > 0
+    assert "no speculation this step" not in result["log"] and "circuit breaker" not in result["log"]
 
 # Two steps of three skip the draft (a fixed pattern in place of the timing-driven gate, so two runs
 # take the same steps); the worker runs in this process (uni executor) so the pattern and the
