@@ -25,10 +25,6 @@ class CircuitBreaker:
         self.paused_left = 0
         self.times_opened = 0
 
-    @property
-    def open(self) -> bool:
-        return self.paused_left > 0
-
     def allows(self) -> bool:
         """Called once per step that wants to draft: False while paused (the step counts down)."""
         if self.paused_left > 0:
@@ -47,6 +43,11 @@ class CircuitBreaker:
         self.failed_in_a_row = self.threshold - 1   # one more failure (the retry) opens it again
         self.times_opened += 1
         return pause
+
+    def opened_line(self, pause: int) -> str:
+        """The log line for a pause `failed` just returned (each adapter prefixes its own name)."""
+        return (f"{self.threshold} draft steps in a row failed; no drafting for the next {pause} steps that would "
+                f"draft, then one try (circuit breaker, opened {self.times_opened} times)")
 
     def succeeded(self) -> None:
         self.failed_in_a_row = 0

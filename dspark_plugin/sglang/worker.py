@@ -338,9 +338,7 @@ def _build_worker_class() -> type:
         def _breaker_failed(self) -> None:
             pause = self.breaker.failed()
             if pause is not None:
-                logger.warning("PLUGIN_DSPARK: %d draft steps in a row failed; no drafting for the next %d steps "
-                               "that would draft, then one try (circuit breaker, opened %d times)",
-                               self.breaker.threshold, pause, self.breaker.times_opened)
+                logger.warning("PLUGIN_DSPARK: %s", self.breaker.opened_line(pause))
 
         def _plan(self, blocks: list[Any], g: int, t0: float, t1: float) -> list[int]:
             """Drafts to verify per request (0 where there is no block): the core's verify planner on the

@@ -279,9 +279,7 @@ class DSparkProposer(DFlashProposer):
                            why, self.num_failed_steps)
         pause = self.breaker.failed()
         if pause is not None:
-            logger.warning("dspark-plugin: %d draft steps in a row failed; no drafting for the next %d steps "
-                           "that would draft, then one try (circuit breaker, opened %d times)",
-                           self.breaker.threshold, pause, self.breaker.times_opened)
+            logger.warning("dspark-plugin: %s", self.breaker.opened_line(pause))
         self._last_draft_probs = None
         self.last_confidence = None
         return torch.empty(batch, 0, dtype=torch.int64, device=self.device)

@@ -61,11 +61,10 @@ def masks_for_the_bonus_row(processor: Any, spec_token_ids: list[list[int]]) -> 
     import torch
 
     saved = processor.logits_slice, processor.restore_logits_slice
-    device = saved[0][0].device
     rows, toks, restore_rows, restore_toks = bonus_masks(processor.min_toks, spec_token_ids)
-    as_tensor = functools.partial(torch.tensor, dtype=torch.int32, device=device)
-    processor.logits_slice = (as_tensor(rows), as_tensor(toks))
-    processor.restore_logits_slice = (as_tensor(restore_rows), as_tensor(restore_toks))
+    as_tensor = processor._device_tensor   # how the processor builds its own masks (its device, pinned copy)
+    processor.logits_slice = (as_tensor(rows, torch.int32), as_tensor(toks, torch.int32))
+    processor.restore_logits_slice = (as_tensor(restore_rows, torch.int32), as_tensor(restore_toks, torch.int32))
     try:
         yield
     finally:
