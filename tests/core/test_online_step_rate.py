@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from dspark_plugin.policy.draft_gate import DraftGate
@@ -191,7 +192,18 @@ def test_draft_gate_pairs_are_saved_with_the_curve_and_restart_warm(tmp_path):
     VerifyPlanner("early_stop", None, online=second, gate=restarted, log=logged.append)
     saved, kept = restarted.buckets[1], gate.buckets[1]   # its first step already drafts
     assert len(saved.pairs) == len(kept.pairs) and math.isclose(saved.ratio, kept.ratio, rel_tol=1e-3)
+    # ... and the probe interval's step length (a drafted step 1.5 skipped ones) with them.
+    assert len(saved.lengths) == len(kept.lengths) and math.isclose(saved.length(True), 1.5, rel_tol=1e-3)
     assert restarted.decide(1, 0.0) and any("loaded the last run's pairs" in line for line in logged)
+    # Pairs saved before lengths were (two numbers each) still load, without a length.
+    data = json.loads(path.read_text())
+    data["entries"]["k"]["gate"] = {"1": [pair[:2] for pair in data["entries"]["k"]["gate"]["1"]]}
+    path.write_text(json.dumps(data))
+    older, online = DraftGate(), OnlineStepRate(path=path, key="k", warn=pytest.fail)
+    assert online.load()
+    VerifyPlanner("early_stop", None, online=online, gate=older)
+    assert len(older.buckets[1].pairs) == len(kept.pairs) and not older.buckets[1].lengths
+    assert older.buckets[1].length(True) == 1.0
     # A damaged gate entry: one warning naming the file and key; the curve itself still loads.
     data = json.loads(path.read_text())
     data["entries"]["k"]["gate"] = {"1": [[1.0, "x"]]}
