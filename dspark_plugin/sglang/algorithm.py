@@ -51,9 +51,8 @@ def _spec_class() -> type:
             from dspark_plugin.config.drafter_config import DSparkConfig
 
             server_args.disable_overlap_schedule = True   # the worker runs on the synchronous V2 schema
-            # A prefix-cache hit skips the prompt's target forward, so the drafter would miss the taps of
-            # the cached prefix (worker.py keeps its context per request, not in SGLang's pool yet).
-            server_args.disable_radix_cache = True
+            # The radix cache stays as the user set it: the drafter's context lives at SGLang's KV slots
+            # (worker.py), so a prefix-cache hit brings the cached prefix's context along.
             if server_args.speculative_num_steps is None:
                 server_args.speculative_num_steps = 1      # one draft pass per step, as native DSPARK
             if server_args.speculative_eagle_topk is None:

@@ -1,13 +1,17 @@
-"""The PLUGIN_DSPARK speculative worker for SGLang (CPU, synchronous, one drafter context per request).
+"""The PLUGIN_DSPARK speculative worker for SGLang (CPU, synchronous; the drafter's context in SGLang's slots).
 
 SGLang builds it as `DSparkPluginWorker(server_args=, gpu_id=, nccl_port=, target_worker=)` and calls
 `forward_batch_generation(batch)` once per scheduler step, on SGLang's V2 schema without overlap:
 - extend (prefill, each chunk): the target forward through SGLang's own worker, with the drafter's
   tapped layers captured by the target model itself (`set_dflash_layers_to_capture`: the output of
-  decoder layer l, DSpark's tap); the taps become the drafter's context K/V.
-- decode: the core's draft gate decides whether this step drafts at all; per request, the core drafts a
-  block from the last committed token (the anchor): `drafter.block_hidden` (one non-causal pass over
-  [anchor, mask, ...]) and `sequential_draft` (the sequential head, greedy or sampled); the core's verify
+  decoder layer l, DSpark's tap); the taps become the drafter's context K/V, written at the slots SGLang
+  gave those positions (`model/slot_context.SlotContext`, one tensor per drafter layer sized like the
+  target's KV pool): a request's context is what its `req_to_token` row lists, so a radix-cache hit
+  brings the drafter's context of the cached prefix along (written when the prefix was computed).
+- decode: the core's draft gate decides whether this step drafts at all; the core drafts a block per
+  request from its last committed token (the anchor), all requests in one pass: `drafter.block_hidden`
+  (one non-causal pass over [anchor, mask, ...]) and `sequential_draft` (the sequential head, greedy or
+  sampled); the core's verify
   planner picks how many drafts k of each block to verify from the blocks' confidences (the step rate
   learned from the served steps, as in vLLM: `policy/engine_plan.make_planner`); the target verifies
   [anchor, d_1 .. d_k] of every request in one TARGET_VERIFY forward (SGLang's worker and KV pool: the
@@ -25,9 +29,8 @@ verify forward is the anchor alone (the logits a plain decode step computes) and
 draws its token there, with its penalties, bias, grammar mask and seed (`_plain_tokens`), so it gets
 exactly what a server without speculation gives; the other requests of the batch are drafted as usual.
 So are the rows of a step the gate closed, and a row whose draft failed.
-Known limits of this version (the adapter issue lists the rest): the drafter's context K/V is a
-per-request core `ContextCache`, not SGLang's paged pool; the radix cache is off (a prefix hit would
-skip the prompt's taps); no context lookup (vLLM's copies from a request's own history).
+Known limits of this version: no overlap scheduling (the worker is synchronous); no context lookup
+(vLLM's copies from a request's own history); no logprobs on the speculative path.
 """
 from __future__ import annotations
 
@@ -128,6 +131,15 @@ def needs_plain_decoding(req: Any) -> str | None:
     return None
 
 
+def _row(block: Any, n: int) -> Any:
+    """Row n of a drafted block, as a block of one request."""
+    from dspark_plugin.decode.draft import DraftBlock
+
+    return DraftBlock(tokens=block.tokens[n:n + 1], probs=block.probs[n:n + 1] if block.probs is not None else None,
+                      confidence=block.confidence[n:n + 1] if block.confidence is not None else None,
+                      ok=block.ok[n:n + 1])
+
+
 class DSparkPluginWorker:
     """Placeholder where SGLang is not installed; replaced below by the real worker, a subclass of
     SGLang's `BaseSpecWorker` built at import time (algorithm.py imports this module lazily, from a
@@ -168,8 +180,7 @@ def _build_worker_class() -> type:
             self.drafter = drafter
             # The target returns the drafter's taps (decoder-layer outputs) as packed aux hidden states.
             target.set_dflash_layers_to_capture(list(drafter.cfg.target_layer_ids))
-            self.caches: dict[str, Any] = {}   # rid -> core ContextCache (taps of committed positions)
-            self._prefilled: set[str] = set()   # rids prefilled since the last decode step
+            self.context: Any = None   # SlotContext, sized when SGLang allocates the target's KV pool
             self.generator = torch.Generator().manual_seed(int(server_args.random_seed or 0))   # drafts, acceptance
             self._logged_plain: set[str] = set()
             self._timing = _StepTiming()
@@ -188,38 +199,40 @@ def _build_worker_class() -> type:
 
         # -- what SGLang's scheduler asks of every speculative worker ------------------------------
         def alloc_memory_pool(self, **kwargs: Any) -> None:
+            """Called by SGLang's scheduler after the target's pools exist: the drafter's context K/V gets one
+            entry per slot of the target's KV pool."""
+            from dspark_plugin.model.slot_context import SlotContext
+
             self.req_to_token_pool, self.token_to_kv_pool_allocator = self._target_worker.get_memory_pool()
+            kv_pool, cfg = self.model_runner.token_to_kv_pool, self.drafter.cfg
+            slots = int(kv_pool.size) + int(getattr(kv_pool, "page_size", 1))
+            self.context = SlotContext(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim,
+                                       dtype=torch.float32)
+            logger.info("PLUGIN_DSPARK: the drafter's context at the target's %d KV slots (%.1f MiB)", slots,
+                        self.context.nbytes / 2**20)
 
         @property
         def draft_worker(self) -> None:
             return None   # no SGLang draft model runner: the core drafts
 
         def clear_cache_pool(self) -> None:
-            self.caches.clear()
+            pass   # the drafter's context lives at SGLang's slots: freed and reused with them
 
         # -- the drafter's context ----------------------------------------------------------------
-        def _append_context(self, rid: str, taps: torch.Tensor, start: int) -> None:
-            from dspark_plugin.model.drafter import ContextCache
-
-            cache = self.caches.get(rid)
-            if cache is None or start == 0:
-                cache = self.caches[rid] = ContextCache(1)
-            if int(cache.lengths[0]) != start:
-                raise RuntimeError(f"PLUGIN_DSPARK: request {rid}: drafter context holds {int(cache.lengths[0])} "
-                                   f"positions, the target committed {start} (a prefix-cache hit?)")
-            n = taps.shape[0]
-            positions = torch.arange(start, start + n)[None]
+        def _write_context(self, taps: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+            """Tapped target states [N, taps] of committed positions [N] (any requests) -> the drafter's
+            context K/V at their KV slots [N]: one K/V projection for all of them (per token, no attention)."""
+            if taps.shape[0] == 0:
+                return
             with torch.no_grad():
-                kv = self.drafter.context_kv(taps[None].float(), positions)
-            cache.append(kv, torch.tensor([n]))
+                kv = self.drafter.context_kv(taps[None].float(), positions.to(torch.int64)[None])
+            self.context.write(kv, slots)
 
-        def _forget_finished(self, batch: Any) -> None:
-            """Drop the context of requests that left: not in this decode batch and not prefilled since
-            the last decode (a request prefilled in the step before joins the running batch next)."""
-            live = {req.rid for req in batch.reqs} | self._prefilled
-            for rid in [r for r in self.caches if r not in live]:
-                del self.caches[rid]
-            self._prefilled.clear()
+        def _context_rows(self, batch: Any, rows: list[int], seq_lens: torch.Tensor) -> list[torch.Tensor]:
+            """The slots of each listed request's committed positions 0 .. seq_len - 1, in order."""
+            req_to_token = batch.req_to_token_pool.req_to_token
+            pool = batch.req_pool_indices.tolist()
+            return [req_to_token[pool[i], :int(seq_lens[i])] for i in rows]
 
         def _sampling_params(self, batch: Any) -> list[tuple[float, int, float]]:
             """(temperature, top_k, top_p) per request in the core's terms (temperature 0 = greedy; top_k 0 =
@@ -266,11 +279,10 @@ def _build_worker_class() -> type:
             taps = result.logits_output.hidden_states
             if taps is None:
                 raise RuntimeError("PLUGIN_DSPARK: the target returned no tapped hidden states")
-            start = 0
-            for req, prefix, n in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
-                self._append_context(req.rid, taps[start:start + n], int(prefix))
-                self._prefilled.add(req.rid)
-                start += n
+            # The prompt's (or chunk's) positions after any cached prefix, at the slots the target just wrote.
+            positions = torch.cat([torch.arange(int(prefix), int(prefix) + int(n))
+                                   for prefix, n in zip(batch.prefix_lens, batch.extend_lens)])
+            self._write_context(taps[:positions.shape[0]], positions, batch.out_cache_loc[:positions.shape[0]])
             result.logits_output.hidden_states = None
             bs = len(batch.reqs)
             predict = result.next_token_ids
@@ -308,23 +320,31 @@ def _build_worker_class() -> type:
             if not self.breaker.allows():   # paused after failures in a row: the gate did not choose this skip
                 planner.draft_unmeasured()
                 return [None] * bs
-            blocks: list[Any] = []
+            rows = [i for i in range(bs) if not plain[i]]
+            blocks: list[Any] = [None] * bs
             try:
                 with torch.no_grad():
-                    for i, req in enumerate(batch.reqs):
-                        if plain[i]:
-                            blocks.append(None)
-                            continue
-                        h = self.drafter.block_hidden(self.caches[req.rid], anchors[i:i + 1], seq_lens[i:i + 1].cpu())
+                    # One block forward for all drafted requests, over their contexts gathered from the slots.
+                    context = self.context.gather(self._context_rows(batch, rows, seq_lens))
+                    h = self.drafter.block_hidden(context, anchors[rows], seq_lens[rows].cpu())
+                    # The sequential head per group of requests sampled alike (greedy; each top-k / top-p).
+                    groups: dict[tuple[bool, int, float], list[int]] = {}
+                    for j, i in enumerate(rows):
                         temperature, top_k, top_p = params[i]
-                        block = sequential_draft(self.drafter, h, anchors[i:i + 1], temperature, top_k, top_p,
+                        groups.setdefault((temperature <= 0, top_k, top_p), []).append(j)
+                    for (greedy, top_k, top_p), members in groups.items():
+                        at = torch.tensor(members)
+                        temperature = 0.0 if greedy else torch.tensor([params[rows[j]][0] for j in members])
+                        block = sequential_draft(self.drafter, h[at], anchors[rows][at], temperature, top_k, top_p,
                                                  self.generator)
-                        ok = bool(block.ok.all()) and 0 <= int(block.tokens.min()) and \
-                            int(block.tokens.max()) < self.vocab_size
-                        if not ok:
-                            self._failed("a draft was not finite or left the vocabulary; that request decodes "
-                                         "without drafts this step", traceback=False)
-                        blocks.append(block if ok else None)
+                        for n, j in enumerate(members):
+                            one = _row(block, n)
+                            ok = bool(one.ok.all()) and 0 <= int(one.tokens.min()) and \
+                                int(one.tokens.max()) < self.vocab_size
+                            if not ok:
+                                self._failed("a draft was not finite or left the vocabulary; that request decodes "
+                                             "without drafts this step", traceback=False)
+                            blocks[rows[j]] = one if ok else None
             except Exception:  # noqa: BLE001
                 self._failed("drafting failed; decoding this step without drafts")
                 self._breaker_failed()
@@ -488,7 +508,6 @@ def _build_worker_class() -> type:
 
             t0 = time.perf_counter()
             params = self._sampling_params(batch)
-            self._forget_finished(batch)
             bs, n = len(batch.reqs), self.num_draft_tokens
             g = n - 1
             seq_lens = batch.seq_lens.to(torch.int64)
@@ -513,8 +532,13 @@ def _build_worker_class() -> type:
                                                                                                seq_lens)
             t2 = time.perf_counter()
             accept_tokens = tokens.to(torch.int32)
-            for i, req in enumerate(batch.reqs):   # taps of the anchor + accepted drafts
-                self._append_context(req.rid, taps[starts[i]:starts[i] + int(accept_lens[i])], int(seq_lens[i]))
+            # The taps of each request's anchor + accepted drafts, at the slots of those positions.
+            kept = [(starts[i], int(accept_lens[i])) for i in range(bs)]
+            rows = torch.cat([torch.arange(start, start + count) for start, count in kept])
+            positions = torch.cat([int(seq_lens[i]) + torch.arange(count) for i, (_, count) in enumerate(kept)])
+            pool_rows = torch.cat([batch.req_pool_indices[i:i + 1].to(torch.int64).expand(count)
+                                   for i, (_, count) in enumerate(kept)])
+            self._write_context(taps[rows], positions, batch.req_to_token_pool.req_to_token[pool_rows, positions])
             self._last_batch, self._last_step_tokens = bs, bs + sum(lengths)   # tokens the target pass took
             self._last_rejected = sum(lengths) - int(accept_lens.sum()) + bs
             new_seq_lens = (seq_lens + accept_lens).to(batch.seq_lens.dtype)

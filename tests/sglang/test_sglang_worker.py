@@ -6,7 +6,8 @@ DSPARK_SCHEDULER=fixed (the full block every step). Greedy outputs of 10 prompts
 the target's own greedy outputs (Hugging Face transformers, i.e. what the plain server gives:
 test_sglang_serving.py) on both, and the fixed server's spec counters (`spec_verify_ct`,
 `spec_num_correct_drafts`) equal the core's reference runner's rounds and accepted drafts on the same
-prompts, so drafts are accepted exactly where the reference accepts them. Among the
+prompts, so drafts are accepted exactly where the reference accepts them; a prompt sent again hits the
+radix cache and is drafted from the cached prefix's context the same way (same counters). Among the
 default server's, requests with penalties + a logit bias, a regex grammar, min-p + min_new_tokens are decoded by
 SGLang's own sampler without drafts, with the outputs those settings give, and the server stays up.
 Sampling: the second token of 300 two-token requests (drafted and rejection-sampled by the plugin)
@@ -121,6 +122,9 @@ def served(tmp_path_factory) -> dict:
         with ThreadPoolExecutor(2) as both:
             outs = dict(zip(jobs, both.map(serve, jobs)))
         alive = generate(ports["default"], prompts()[0])   # the server still serves after them all
+        # A prompt served before, again: a radix-cache hit (the drafter's context of the cached prompt
+        # comes from SGLang's slots, written when it was first computed).
+        again = generate(ports["fixed"], prompts()[0])
     finally:
         for proc in procs.values():
             processes.stop_group(proc.pid)
@@ -129,7 +133,7 @@ def served(tmp_path_factory) -> dict:
     special_outs = dict(zip(special, outs["default"][2:2 + len(special)]))
     del outs["default"][2:2 + len(special)]
     return {"greedy": outs["default"], "fixed": outs["fixed"], "special": special_outs, "requests": special,
-            "alive": alive, "log": logs["default"], "fixed_log": logs["fixed"]}
+            "alive": alive, "again": again, "log": logs["default"], "fixed_log": logs["fixed"]}
 
 
 @pytest.mark.slow
@@ -158,6 +162,13 @@ def test_greedy_outputs_equal_the_targets_and_drafts_are_accepted_as_in_the_refe
         accepted += meta["spec_num_correct_drafts"]
     assert accepted > 0
     assert served["alive"]["output_ids"] == served["greedy"][0]["output_ids"]
+    # The repeated prompt hit the radix cache and was drafted from the cached prefix's context exactly as
+    # the first time: same output, same verify rounds, same accepted drafts.
+    again, first = served["again"], served["fixed"][0]
+    assert again["meta_info"]["cached_tokens"] >= len(tok(prompts()[0]).input_ids) - 1
+    assert again["output_ids"] == first["output_ids"]
+    assert ((again["meta_info"]["spec_verify_ct"], again["meta_info"]["spec_num_correct_drafts"])
+            == (first["meta_info"]["spec_verify_ct"], first["meta_info"]["spec_num_correct_drafts"]))
     assert "dspark-plugin scheduler: fixed (requested fixed)" in served["fixed_log"]
     assert "dspark-plugin scheduler: mode early_stop, SPS curve learned online (new; saved to" in served["log"]
     assert "dspark-plugin draft gate: on" in served["log"]
