@@ -43,6 +43,10 @@ CONFIGS = {
     "plain": lambda drafter: [],
     "plain-sync": lambda drafter: ["--disable-overlap-schedule"],
     "dspark": lambda drafter: ["--speculative-algorithm", "DSPARK", "--speculative-draft-model-path", str(drafter)],
+    # SGLang's own prompt lookup, as a chain of 7 drafts like the product drafter's block (SGLang's default
+    # is a tree of 12 draft tokens).
+    "ngram": lambda drafter: ["--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", "8",
+                              "--speculative-ngram-max-bfs-breadth", "1"],
 }
 STEP_LINE = re.compile(r"PLUGIN_DSPARK: \d+ decode steps.*")
 
