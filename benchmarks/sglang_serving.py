@@ -70,7 +70,15 @@ def run_server(name: str, extra: list[str], target: Path, sets: dict[str, list[s
     with open(log_path, "w") as log:
         proc = launch(target, port, extra, log)
         try:
-            result["startup_s"] = wait_healthy(port, proc, timeout=600.0)
+            try:
+                result["startup_s"] = wait_healthy(port, proc, timeout=600.0)
+            except AssertionError:   # a configuration that does not start here is a result, not the end of the run
+                log.flush()
+                errors = [line.strip() for line in log_path.read_text().splitlines()
+                          if "Error" in line or "CRITICAL" in line]
+                result["failed"] = " ".join(errors[-2:]) if errors else "the server exited before it was healthy"
+                print(f"{name:8s} did not start: {result['failed']}", flush=True)
+                return result
             generate(port, chat("Hello"), 8)   # first-request costs out of the timings
             for c in concurrencies:
                 for dataset, prompts in sets.items():
@@ -113,12 +121,15 @@ def main() -> None:
     rows = ["| configuration | concurrency | dataset | tok/s | x first | tokens per request-step | greedy identical |",
             "|---|---|---|---|---|---|---|"]
     for server in servers:
+        if "failed" in server:
+            rows.append(f"| {server['name']} | - | - | did not start: {server['failed']} | | | |")
+            continue
         for a, b in zip(base["runs"], server["runs"]):
             same = a["output_ids"] == b["output_ids"]
             rows.append(f"| {server['name']} | {b['concurrency']} | {b['dataset']} | {b['tok_s']:.2f} | "
                         f"{b['tok_s'] / a['tok_s']:.2f} | {b['tokens_per_step'] or 1:.2f} | {'yes' if same else 'NO'} |")
     table = "\n".join(rows)
-    spec = servers[-1]
+    spec = next((s for s in reversed(servers) if "step_lines" in s and s["step_lines"]), servers[-1])
     meta = {"started": started.isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "drafter": str(args.drafter), "max_tokens": args.max_tokens,
             "prompts": args.prompts, "concurrency": args.concurrency}
@@ -126,9 +137,9 @@ def main() -> None:
         for r in s["runs"]:
             r.pop("output_ids")
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "servers": servers}, indent=1))
-    (args.out / "table.md").write_text(table + "\n\n" + "\n".join(spec["step_lines"]) + "\n")
+    (args.out / "table.md").write_text(table + "\n\n" + "\n".join(spec.get("step_lines", [])) + "\n")
     print(table)
-    print("\n".join(spec["step_lines"]))
+    print("\n".join(spec.get("step_lines", [])))
 
 
 if __name__ == "__main__":
