@@ -129,7 +129,7 @@ def main() -> None:
             rows.append(f"| {server['name']} | {b['concurrency']} | {b['dataset']} | {b['tok_s']:.2f} | "
                         f"{b['tok_s'] / a['tok_s']:.2f} | {b['tokens_per_step'] or 1:.2f} | {'yes' if same else 'NO'} |")
     table = "\n".join(rows)
-    spec = next((s for s in reversed(servers) if "step_lines" in s and s["step_lines"]), servers[-1])
+    step_lines = next((s["step_lines"] for s in reversed(servers) if s.get("step_lines")), [])   # DSpark's
     meta = {"started": started.isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "drafter": str(args.drafter), "max_tokens": args.max_tokens,
             "prompts": args.prompts, "concurrency": args.concurrency}
@@ -137,9 +137,9 @@ def main() -> None:
         for r in s["runs"]:
             r.pop("output_ids")
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "servers": servers}, indent=1))
-    (args.out / "table.md").write_text(table + "\n\n" + "\n".join(spec.get("step_lines", [])) + "\n")
+    (args.out / "table.md").write_text(table + "\n\n" + "\n".join(step_lines) + "\n")
     print(table)
-    print("\n".join(spec.get("step_lines", [])))
+    print("\n".join(step_lines))
 
 
 if __name__ == "__main__":

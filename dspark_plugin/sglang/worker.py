@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -129,6 +129,22 @@ def needs_plain_decoding(req: Any) -> str | None:
         if on:
             return reason
     return None
+
+
+class _TargetPass(NamedTuple):
+    """One decode step's target pass over each request's [anchor, d_1 .. d_k], after acceptance."""
+    tokens: torch.Tensor          # [bs, n] the accepted drafts + the target's token, per request
+    accept_lens: torch.Tensor     # [bs] tokens committed per request
+    taps: torch.Tensor            # [rows, taps] the drafter's taps of every row the pass took
+    positions: torch.Tensor       # [rows] their positions
+    slots: torch.Tensor           # [rows] their KV slots
+    starts: list[int]             # where each request's rows start
+    logits_output: Any
+
+    def committed(self) -> torch.Tensor:
+        """The rows of each request's anchor + accepted drafts: the positions the drafter's context gains."""
+        return torch.cat([torch.arange(start, start + int(count))
+                          for start, count in zip(self.starts, self.accept_lens)])
 
 
 def _row(block: Any, n: int) -> Any:
@@ -390,10 +406,9 @@ def _build_worker_class() -> type:
                 (logger.exception if traceback else logger.warning)("PLUGIN_DSPARK: %s (%d times)", what, count)
 
         def _verify(self, batch: Any, anchors: torch.Tensor, seq_lens: torch.Tensor, blocks: list[Any],
-                    lengths: list[int], params: list[tuple[float, int, float]]) -> tuple:
+                    lengths: list[int], params: list[tuple[float, int, float]]) -> _TargetPass:
             """[anchor, d_1 .. d_k] of every request through the target in one TARGET_VERIFY pass over the first
-            k + 1 slots the scheduler reserved, then the core's acceptance -> (tokens [bs, n], accept_lens [bs],
-            taps [sum(k + 1), ..], where each request's rows start, the logits output)."""
+            k + 1 slots the scheduler reserved, then the core's acceptance."""
             from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
             from sglang.srt.speculative.ngram_info import NgramVerifyInput
 
@@ -470,9 +485,9 @@ def _build_worker_class() -> type:
                 kept = int(row.num_accepted[0]) + 1
                 tokens[i, :kept] = row.tokens[0, :kept]
                 accept_lens[i] = kept
-            return tokens, accept_lens, taps, starts, out.logits_output
+            return _TargetPass(tokens, accept_lens, taps, positions, out_cache_loc, starts, out.logits_output)
 
-        def _decode_without_drafts(self, batch: Any, anchors: torch.Tensor, seq_lens: torch.Tensor) -> tuple:
+        def _decode_without_drafts(self, batch: Any, anchors: torch.Tensor, seq_lens: torch.Tensor) -> _TargetPass:
             """A step that verifies no drafts (the gate closed it, or every row is SGLang's sampler's) runs
             SGLang's own DECODE pass over the first reserved slot and its sampler: what a plain server's step
             computes (a one-token TARGET_VERIFY costs ~15% more on CPU, BENCHMARKS.md "SGLang serving"), with
@@ -485,7 +500,8 @@ def _build_worker_class() -> type:
                      batch.seq_lens_cpu, batch.seq_lens_sum)
             batch.forward_mode = ForwardMode.DECODE
             batch.input_ids = anchors.to(self.device)
-            batch.out_cache_loc = batch.req_to_token_pool.req_to_token[pool, seq_lens].to(torch.int64)
+            slots = batch.req_to_token_pool.req_to_token[pool, seq_lens].to(torch.int64)
+            batch.out_cache_loc = slots
             batch.seq_lens = (seq_lens + 1).to(saved[4].dtype)   # a decode batch counts its input token
             batch.seq_lens_cpu = batch.seq_lens.cpu()
             batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
@@ -499,7 +515,8 @@ def _build_worker_class() -> type:
             out.logits_output.hidden_states = None
             tokens = torch.zeros(bs, n, dtype=torch.int64)
             tokens[:, 0] = out.next_token_ids.view(-1).to(torch.int64).cpu()
-            return tokens, torch.ones(bs, dtype=torch.int32), taps, list(range(bs)), out.logits_output
+            return _TargetPass(tokens, torch.ones(bs, dtype=torch.int32), taps, seq_lens, slots, list(range(bs)),
+                               out.logits_output)
 
         # -- one decode step ------------------------------------------------------------------------
         def _decode(self, batch: Any, on_publish: Any) -> Any:
@@ -525,20 +542,14 @@ def _build_worker_class() -> type:
             t1 = time.perf_counter()
             lengths = self._plan(blocks, g, t0, t1)
             if any(lengths):   # 2-3) verify the planned prefixes in one pass, accept
-                tokens, accept_lens, taps, starts, logits_output = self._verify(batch, anchors, seq_lens, blocks,
-                                                                               lengths, params)
+                target = self._verify(batch, anchors, seq_lens, blocks, lengths, params)
             else:               # nothing to verify: SGLang's own decode step and sampler
-                tokens, accept_lens, taps, starts, logits_output = self._decode_without_drafts(batch, anchors,
-                                                                                               seq_lens)
+                target = self._decode_without_drafts(batch, anchors, seq_lens)
             t2 = time.perf_counter()
-            accept_tokens = tokens.to(torch.int32)
-            # The taps of each request's anchor + accepted drafts, at the slots of those positions.
-            kept = [(starts[i], int(accept_lens[i])) for i in range(bs)]
-            rows = torch.cat([torch.arange(start, start + count) for start, count in kept])
-            positions = torch.cat([int(seq_lens[i]) + torch.arange(count) for i, (_, count) in enumerate(kept)])
-            pool_rows = torch.cat([batch.req_pool_indices[i:i + 1].to(torch.int64).expand(count)
-                                   for i, (_, count) in enumerate(kept)])
-            self._write_context(taps[rows], positions, batch.req_to_token_pool.req_to_token[pool_rows, positions])
+            accept_lens, logits_output = target.accept_lens, target.logits_output
+            accept_tokens = target.tokens.to(torch.int32)
+            kept = target.committed()
+            self._write_context(target.taps[kept], target.positions[kept], target.slots[kept])
             self._last_batch, self._last_step_tokens = bs, bs + sum(lengths)   # tokens the target pass took
             self._last_rejected = sum(lengths) - int(accept_lens.sum()) + bs
             new_seq_lens = (seq_lens + accept_lens).to(batch.seq_lens.dtype)

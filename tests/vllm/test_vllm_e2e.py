@@ -369,7 +369,6 @@ def test_a_drafter_failing_every_step_is_paused_by_the_circuit_breaker(target, d
             "then one try (circuit breaker, opened 1 times)") in result["log"]
 
 
-
 def test_a_drafter_stalling_every_step_costs_time_only(target, drafter_and_prompts, plain_outputs, tmp_path):
     """A stall (0.2 s before every draft) is no failure: the drafts are verified as usual, the output is the
     plain engine's, and the breaker stays shut (the draft gate weighs the time)."""
@@ -379,6 +378,7 @@ def test_a_drafter_stalling_every_step_costs_time_only(target, drafter_and_promp
     assert result["outputs"] == plain_outputs[:4]
     assert result["metrics"].get("vllm:spec_decode_num_drafts", 0) > 0
     assert "no speculation this step" not in result["log"] and "circuit breaker" not in result["log"]
+
 
 # Two steps of three skip the draft (a fixed pattern in place of the timing-driven gate, so two runs
 # take the same steps); the worker runs in this process (uni executor) so the pattern and the
