@@ -98,6 +98,34 @@ def test_torch_slot_assignment_follows_the_kernel_contract():
     assert torch.equal(req_to_token, want)
 
 
+@pytest.mark.parametrize("window", [None, 6])
+def test_extend_attention_equals_sglang_on_the_extend_rows(window):
+    """Three sequences (no prefix, a verify window after a prefix, one token after a long prefix), their
+    K/V at scattered pool slots, grouped heads: the patch's rows equal SGLang's kept rows (a sliding
+    window goes to SGLang's own method through the wrapper)."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    from dspark_plugin.sglang.patches import cpu_extend_attention
+
+    sglang_method = getattr(TorchNativeAttnBackend._run_sdpa_forward_extend, "__wrapped__",
+                            TorchNativeAttnBackend._run_sdpa_forward_extend)
+    patched = cpu_extend_attention._make_wrapper(sglang_method)
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, pool = 6, 2, 16, 160
+    prefix, extend = torch.tensor([0, 5, 40]), torch.tensor([4, 8, 1])
+    seq_lens = prefix + extend
+    req_to_token = torch.randperm(pool, generator=g)[:3 * 41].view(3, 41).to(torch.int32)
+    req_pool_indices = torch.tensor([2, 0, 1])
+    k_cache, v_cache = (torch.randn(pool, kv_heads, dim, generator=g) for _ in range(2))
+    query = torch.randn(int(extend.sum()), heads, dim, generator=g)
+    args = (k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, prefix, extend)
+    kwargs = dict(scaling=dim ** -0.5, enable_gqa=True, causal=True, sliding_window_size=window)
+    host = TorchNativeAttnBackend.__new__(TorchNativeAttnBackend)   # only its static mask helper is used
+    want = sglang_method(host, query, torch.zeros_like(query), *args, **kwargs)
+    got = patched(host, query, torch.zeros_like(query), *args, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_launcher_cpu_arguments_fill_defaults_keep_user_flags_and_rename_dspark():
     argv = ["--model-path", "m", "--dtype", "bfloat16", "--speculative-algorithm", "dspark",
             "--speculative-draft-model-path", "d"]

@@ -17,6 +17,8 @@ switches patches off by name; the server logs one line saying which are on, off 
 |                              | speculative.spec_utils.assign_req_to_token_pool_func      |           | (spec only)  |
 | cpu_kv_copy_warmup           | mem_cache.memory_pool.MHATokenToKVPool                    | scheduler | every server |
 |                              | ._init_kv_copy_and_warmup                                 |           | (spec only)  |
+| cpu_extend_attention         | layers.attention.torch_native_backend                     | scheduler | every server |
+|                              | .TorchNativeAttnBackend._run_sdpa_forward_extend          |           |              |
 
 ("spec only": installed in every server like the others, but only speculative decoding reaches the
 replaced code, so a plain server runs exactly SGLang's code there.) The patches are installed in
@@ -34,7 +36,8 @@ from dspark_plugin.patching import disabled_patches
 
 logger = logging.getLogger("sglang.dspark_plugin.patches")
 
-INDEX: tuple[str, ...] = ("cpu_rotary_native", "cpu_assign_req_to_token_pool", "cpu_kv_copy_warmup")
+INDEX: tuple[str, ...] = ("cpu_rotary_native", "cpu_assign_req_to_token_pool", "cpu_kv_copy_warmup",
+                          "cpu_extend_attention")
 _installed: dict[str, bool] = {}
 
 
