@@ -217,8 +217,8 @@ def test_registration_installs_every_cpu_patch_once(default_case):
         for target in patches.module(name).REPLACES:
             assert default_case["replaced"][target] == name, target
     assert default_case["rotary_is_cpu"] is True
-    assert ("dspark-plugin patches: cpu_rotary_native on, cpu_assign_req_to_token_pool on, cpu_kv_copy_warmup on"
-            in default_case["log"])
+    assert ("dspark-plugin patches: cpu_rotary_native on, cpu_assign_req_to_token_pool on, cpu_kv_copy_warmup on, "
+            "cpu_extend_attention on" in default_case["log"])
     registered = [line for line in default_case["log"] if line.startswith("dspark-plugin: registered ")]
     assert len(registered) == 1   # register() twice, one registration
 
