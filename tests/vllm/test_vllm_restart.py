@@ -104,12 +104,12 @@ def counter(metrics: str, name: str) -> float:
 
 
 def test_the_step_rate_is_learned_then_loaded_on_restart(readme_starts):
-    """No curve file anywhere: the cold start learns the step rate from its own steps (its first
-    drafted step verifies the full block to measure it) and saves it; the next starts load it.
+    """No curve file anywhere: the cold start learns the step rate from its own steps (its drafted
+    steps 1, 9 and 17 verify 1, 3 and 7 drafts to measure them) and saves it; the next starts load it.
     Whether later steps verify drafts, and whether any is accepted, is then the planner's call at
     this machine's speed and the drafter's on these prompts (CI's machine accepted none)."""
     cold, warm, damaged = readme_starts["starts"]
     assert "dspark-plugin scheduler: mode early_stop, SPS curve learned online (new; saved to" in cold["log"]
     for start in (warm, damaged):
         assert "dspark-plugin scheduler: mode early_stop, SPS curve learned online (loaded" in start["log"]
-    assert counter(cold["metrics"], "vllm:spec_decode_num_draft_tokens_total") >= 7  # the exploration
+    assert counter(cold["metrics"], "vllm:spec_decode_num_draft_tokens_total") >= 7  # the explorations

@@ -142,7 +142,7 @@ def worker(config_file: str, out_file: str) -> None:
     os.environ.update(DSPARK_SCHEDULER="early_stop", DSPARK_SPS=cfg["sps"], DSPARK_PLAN_SEEDED="on")
     _dspark_run(LLM, cfg, engine_args, "sched", 2 * cfg["n"] + cfg["n_wrong"], result)
     # The defaults: no curve anywhere (a fresh cache directory), so the planner learns the step rate
-    # from the steps it serves, exploring the full block now and then. Seeds 3N + N_WRONG.. .
+    # from the steps it serves, exploring longer prefixes now and then. Seeds 3N + N_WRONG.. .
     for name in ("DSPARK_SCHEDULER", "DSPARK_SPS"):
         os.environ.pop(name, None)
     os.environ["DSPARK_CACHE_DIR"] = cfg["online_cache"]
