@@ -236,13 +236,16 @@ def test_the_algorithm_is_registered_once_and_native_dspark_is_untouched(default
 
 
 @pytest.mark.skipif(not CPU_HOST, reason="the CPU patches apply on a host without CUDA only")
-@pytest.mark.parametrize("name", patches.INDEX)
-def test_each_patch_can_be_switched_off_by_name(name):
-    got = run_case(name)
-    assert got["installed"][name] is False
-    assert f"{name} off (DSPARK_DISABLE_PATCHES)" in next(line for line in got["log"] if "dspark-plugin patches:" in line)
-    for target in patches.module(name).REPLACES:
-        assert got["replaced"][target] is None, target
-    for other in patches.INDEX:
-        if other != name:
-            assert got["installed"][other] is True, other
+@pytest.mark.parametrize("group", [patches.INDEX[0::2], patches.INDEX[1::2]], ids=["even", "odd"])
+def test_each_patch_can_be_switched_off_by_name(group):
+    """Every patch is switched off in one of two server processes (one process each: ~15 s of
+    importing SGLang), and the others stay on there."""
+    got = run_case(",".join(group))
+    line = next(line for line in got["log"] if "dspark-plugin patches:" in line)
+    for name in patches.INDEX:
+        if name in group:
+            assert got["installed"][name] is False and f"{name} off (DSPARK_DISABLE_PATCHES)" in line, name
+            for target in patches.module(name).REPLACES:
+                assert got["replaced"][target] is None, target
+        else:
+            assert got["installed"][name] is True, name
