@@ -8,9 +8,7 @@ compiles and the DSpark server learns its step rate from nothing):
 - dspark: the README's main command as printed.
 Each gets `--port` only. Against each, `dspark-vllm bench serve` (vLLM's client; random prompts)
 runs with the issue's settings by default: 128 input / 64 output tokens, 32 prompts, at most 8 in
-flight. `--dataset mt-bench` sends the first `--num-prompts` MT-Bench questions instead (vLLM's
-`custom` dataset: chat template applied, greedy, `--output-len` tokens at most), e.g. one at a time:
-`--dataset mt-bench --max-concurrency 1 --num-prompts 16 --output-len 128`. `--rounds N` repeats the pair in alternating order (plain, dspark, dspark, plain, ...), the
+flight. `--rounds N` repeats the pair in alternating order (plain, dspark, dspark, plain, ...), the
 servers restarted each time (so rounds after the first start from the compile cache and the saved
 curve), and reports the per-round ratio and the geometric mean. Writes results.json and summary.md.
 
@@ -35,10 +33,6 @@ sys.path.insert(0, str(REPO))
 from harness import processes  # noqa: E402
 from harness.readme_command import ShellServer, readme_main_command, work_tree  # noqa: E402
 from harness.vllm_testing import smollm2_target  # noqa: E402
-from dspark_plugin.reference.prompts import read_prompts  # noqa: E402
-
-DATA = next((d for d in (REPO.parent / "shared" / "data", Path("/work/shared/data")) if d.is_dir()),
-            Path("/work/shared/data"))
 
 KEYS = ("output_throughput", "request_throughput", "mean_tpot_ms", "median_tpot_ms", "mean_ttft_ms",
         "completed")
@@ -59,22 +53,11 @@ def plain_command(readme_serve: str) -> str:
     return " ".join(out)
 
 
-def dataset_args(args: argparse.Namespace, result_dir: Path) -> list[str]:
-    """`vllm bench serve`'s dataset flags: random token prompts, or MT-Bench questions (greedy)."""
-    if args.dataset == "random":
-        return ["--dataset-name", "random", "--random-input-len", str(args.input_len),
-                "--random-output-len", str(args.output_len)]
-    path = result_dir / "mt_bench_prompts.jsonl"
-    rows = [{"prompt": p} for p in read_prompts(DATA / "mt_bench.jsonl", limit=args.num_prompts)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return ["--dataset-name", "custom", "--dataset-path", str(path), "--custom-output-len", str(args.output_len),
-            "--temperature", "0"]
-
-
 def bench(server: ShellServer, model: str, args: argparse.Namespace, result_dir: Path, tag: str) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "dspark_plugin.vllm.launcher", "bench", "serve", "--backend", "vllm",
            "--base-url", server.url, "--model", model, "--tokenizer", str(server.cwd / model),
-           *dataset_args(args, result_dir), "--num-prompts", str(args.num_prompts),
+           "--dataset-name", "random", "--random-input-len", str(args.input_len),
+           "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
            "--max-concurrency", str(args.max_concurrency), "--seed", str(args.seed), "--save-result",
            "--result-dir", str(result_dir), "--result-filename", f"{tag}.json"]
     proc = processes.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -88,8 +71,7 @@ def bench(server: ShellServer, model: str, args: argparse.Namespace, result_dir:
 def main(argv: list[str] | None = None) -> int:
     processes.install_signal_handlers()  # a killed benchmark stops its servers
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", choices=("random", "mt-bench"), default="random")
-    p.add_argument("--input-len", type=int, default=128, help="random prompts' length")
+    p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-concurrency", type=int, default=8)
@@ -107,10 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.platform()}, {os.cpu_count()} cores", "servers": commands,
-        "client": (f"vllm bench serve --dataset-name random --random-input-len {args.input_len} --random-output-len "
-                   f"{args.output_len}" if args.dataset == "random" else
-                   f"vllm bench serve --dataset-name custom (MT-Bench questions) --custom-output-len {args.output_len} "
-                   f"--temperature 0") + f" --num-prompts {args.num_prompts} --max-concurrency {args.max_concurrency}",
+        "client": f"vllm bench serve --dataset-name random --random-input-len {args.input_len} --random-output-len "
+                  f"{args.output_len} --num-prompts {args.num_prompts} --max-concurrency {args.max_concurrency}",
         "rounds": [],
     }
     for rnd in range(args.rounds):
