@@ -8,7 +8,9 @@ compiles and the DSpark server learns its step rate from nothing):
 - dspark: the README's main command as printed.
 Each gets `--port` only. Against each, `dspark-vllm bench serve` (vLLM's client; random prompts)
 runs with the issue's settings by default: 128 input / 64 output tokens, 32 prompts, at most 8 in
-flight. `--rounds N` repeats the pair in alternating order (plain, dspark, dspark, plain, ...), the
+flight. `--dataset mt-bench` sends the first `--num-prompts` MT-Bench questions as chat requests
+instead (written as a ShareGPT file, `--backend openai-chat`, greedy, `--output-len` tokens at most),
+e.g. one at a time: `--dataset mt-bench --max-concurrency 1 --num-prompts 16 --output-len 128`. `--rounds N` repeats the pair in alternating order (plain, dspark, dspark, plain, ...), the
 servers restarted each time (so rounds after the first start from the compile cache and the saved
 curve), and reports the per-round ratio and the geometric mean. Writes results.json and summary.md.
 
@@ -33,6 +35,10 @@ sys.path.insert(0, str(REPO))
 from harness import processes  # noqa: E402
 from harness.readme_command import ShellServer, readme_main_command, work_tree  # noqa: E402
 from harness.vllm_testing import smollm2_target  # noqa: E402
+from dspark_plugin.reference.prompts import read_prompts  # noqa: E402
+
+DATA = next((d for d in (REPO.parent / "shared" / "data", Path("/work/shared/data")) if d.is_dir()),
+            Path("/work/shared/data"))
 
 KEYS = ("output_throughput", "request_throughput", "mean_tpot_ms", "median_tpot_ms", "mean_ttft_ms",
         "completed")
@@ -53,11 +59,25 @@ def plain_command(readme_serve: str) -> str:
     return " ".join(out)
 
 
+def dataset_args(args: argparse.Namespace, result_dir: Path) -> list[str]:
+    """`vllm bench serve`'s backend and dataset flags: random token prompts to /v1/completions, or
+    MT-Bench questions as greedy chat requests (a ShareGPT-format file: vLLM's loader for it needs no
+    extra package)."""
+    if args.dataset == "random":
+        return ["--backend", "vllm", "--dataset-name", "random", "--random-input-len", str(args.input_len),
+                "--random-output-len", str(args.output_len)]
+    path = result_dir / "mt_bench_sharegpt.json"
+    rows = [{"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": ""}]}
+            for p in read_prompts(DATA / "mt_bench.jsonl", limit=args.num_prompts)]
+    path.write_text(json.dumps(rows))
+    return ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--dataset-name", "sharegpt",
+            "--dataset-path", str(path), "--sharegpt-output-len", str(args.output_len), "--temperature", "0"]
+
+
 def bench(server: ShellServer, model: str, args: argparse.Namespace, result_dir: Path, tag: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "dspark_plugin.vllm.launcher", "bench", "serve", "--backend", "vllm",
+    cmd = [sys.executable, "-m", "dspark_plugin.vllm.launcher", "bench", "serve",
            "--base-url", server.url, "--model", model, "--tokenizer", str(server.cwd / model),
-           "--dataset-name", "random", "--random-input-len", str(args.input_len),
-           "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
+           *dataset_args(args, result_dir), "--num-prompts", str(args.num_prompts),
            "--max-concurrency", str(args.max_concurrency), "--seed", str(args.seed), "--save-result",
            "--result-dir", str(result_dir), "--result-filename", f"{tag}.json"]
     proc = processes.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -71,7 +91,8 @@ def bench(server: ShellServer, model: str, args: argparse.Namespace, result_dir:
 def main(argv: list[str] | None = None) -> int:
     processes.install_signal_handlers()  # a killed benchmark stops its servers
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--dataset", choices=("random", "mt-bench"), default="random")
+    p.add_argument("--input-len", type=int, default=128, help="random prompts' length")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-concurrency", type=int, default=8)
@@ -89,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.platform()}, {os.cpu_count()} cores", "servers": commands,
-        "client": f"vllm bench serve --dataset-name random --random-input-len {args.input_len} --random-output-len "
-                  f"{args.output_len} --num-prompts {args.num_prompts} --max-concurrency {args.max_concurrency}",
+        "client": (f"vllm bench serve --dataset-name random --random-input-len {args.input_len} --random-output-len "
+                   f"{args.output_len}" if args.dataset == "random" else
+                   f"vllm bench serve --backend openai-chat --dataset-name sharegpt (MT-Bench questions) "
+                   f"--sharegpt-output-len {args.output_len} --temperature 0")
+                  + f" --num-prompts {args.num_prompts} --max-concurrency {args.max_concurrency}",
         "rounds": [],
     }
     for rnd in range(args.rounds):
