@@ -41,6 +41,16 @@ INDEX: tuple[str, ...] = ("cpu_rotary_native", "cpu_assign_req_to_token_pool", "
 _installed: dict[str, bool] = {}
 
 
+def cpu_host_outside_cpu_engine() -> bool:
+    """Where every patch here is meant for: no CUDA, and not SGLang's own CPU engine
+    (`SGLANG_USE_CPU_ENGINE=1`, which brings its own CPU kernels)."""
+    import os
+
+    import torch
+
+    return not torch.cuda.is_available() and os.environ.get("SGLANG_USE_CPU_ENGINE", "0") != "1"
+
+
 def module(name: str) -> Any:
     """The module of patch `name` (one of INDEX)."""
     return importlib.import_module(f"dspark_plugin.sglang.patches.{name}")

@@ -21,7 +21,6 @@ in use). Delete when the supported SGLang's function handles CPU tensors without
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
@@ -66,7 +65,9 @@ def _make_wrapper(sglang_func: Any) -> Any:
 def applies() -> bool:
     """On a host without CUDA, outside SGLang's CPU engine, while the installed function still
     launches its Triton kernel there."""
-    if torch.cuda.is_available() or os.environ.get("SGLANG_USE_CPU_ENGINE", "0") == "1":
+    from dspark_plugin.sglang.patches import cpu_host_outside_cpu_engine
+
+    if not cpu_host_outside_cpu_engine():
         return False
     from sglang.srt.mem_cache import allocation
 

@@ -25,7 +25,6 @@ prefix-long query (`applies()` then no longer finds `per_req_query_redudant` in 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
@@ -90,7 +89,9 @@ def _make_wrapper(sglang_method: Any) -> Any:
 def applies() -> bool:
     """On a host without CUDA, outside SGLang's CPU engine, while the installed loop still builds a
     query as long as the whole sequence."""
-    if torch.cuda.is_available() or os.environ.get("SGLANG_USE_CPU_ENGINE", "0") == "1":
+    from dspark_plugin.sglang.patches import cpu_host_outside_cpu_engine
+
+    if not cpu_host_outside_cpu_engine():
         return False
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 

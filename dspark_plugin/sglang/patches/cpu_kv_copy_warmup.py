@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any
 
 import torch
@@ -51,7 +50,9 @@ def _make_wrapper(sglang_method: Any) -> Any:
 def applies() -> bool:
     """On a host without CUDA, outside SGLang's CPU engine, while the installed method still warms
     the Triton copy kernel up."""
-    if torch.cuda.is_available() or os.environ.get("SGLANG_USE_CPU_ENGINE", "0") == "1":
+    from dspark_plugin.sglang.patches import cpu_host_outside_cpu_engine
+
+    if not cpu_host_outside_cpu_engine():
         return False
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 

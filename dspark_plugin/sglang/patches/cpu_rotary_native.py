@@ -21,7 +21,6 @@ Delete when the supported SGLang builds RoPE on a CPU host without `SGLANG_USE_C
 from __future__ import annotations
 
 import logging
-import os
 
 logger = logging.getLogger("sglang.dspark_plugin.patches.cpu_rotary_native")
 
@@ -33,9 +32,9 @@ REPLACES = ("sglang.srt.layers.rotary_embedding.base:_is_cpu",)
 def applies() -> bool:
     """On a host without CUDA, outside SGLang's CPU engine, while the installed `RotaryEmbedding`
     still falls back to vLLM's custom op for devices it does not list."""
-    import torch
+    from dspark_plugin.sglang.patches import cpu_host_outside_cpu_engine
 
-    if torch.cuda.is_available() or os.environ.get("SGLANG_USE_CPU_ENGINE", "0") == "1":
+    if not cpu_host_outside_cpu_engine():
         return False
     from sglang.srt.layers.rotary_embedding import base
 
