@@ -34,9 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from harness import processes  # noqa: E402
+from harness.shared_data import DATA  # noqa: E402
 
-DATA = next((d for d in (REPO.parent / "shared" / "data", Path("/work/shared/data")) if d.is_dir()),
-            Path("/work/shared/data"))
 DATASETS = {"mt_bench": "MT-Bench", "humaneval": "HumanEval", "gsm8k_test": "GSM8K"}
 DRAFTERS = ["smollm2-135m-dspark-vanilla-b7", "smollm2-135m-dspark-rnn-b7", "smollm2-135m-dflash-b7", "ngram"]
 BASELINE = "smollm2-135m-dflash-b7"

@@ -31,11 +31,10 @@ sys.path.insert(0, str(REPO))
 
 from dspark_plugin.reference.prompts import read_prompts  # noqa: E402
 from harness import processes  # noqa: E402
+from harness.shared_data import DATA  # noqa: E402
 from harness.sglang_serving import free_port, launch, wait_healthy  # noqa: E402
 from harness.vllm_testing import smollm2_target  # noqa: E402
 
-DATA = next((d for d in (REPO.parent / "shared" / "data", Path("/work/shared/data")) if d.is_dir()),
-            Path("/work/shared/data"))
 PRODUCT_DRAFTER = REPO / "drafters" / "smollm2-135m-dspark-vanilla-b7-v8k"
 # name -> the launcher's arguments beyond the model and address. `plain` is what a user runs without
 # speculation (SGLang's overlap scheduler on); `plain-sync` switches overlap off, as speculation does here.

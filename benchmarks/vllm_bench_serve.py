@@ -33,12 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from harness import processes  # noqa: E402
+from harness.shared_data import DATA  # noqa: E402
 from harness.readme_command import ShellServer, readme_main_command, work_tree  # noqa: E402
 from harness.vllm_testing import smollm2_target  # noqa: E402
 from dspark_plugin.reference.prompts import read_prompts  # noqa: E402
 
-DATA = next((d for d in (REPO.parent / "shared" / "data", Path("/work/shared/data")) if d.is_dir()),
-            Path("/work/shared/data"))
 
 KEYS = ("output_throughput", "request_throughput", "mean_tpot_ms", "median_tpot_ms", "mean_ttft_ms",
         "completed")

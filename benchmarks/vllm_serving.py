@@ -33,11 +33,9 @@ sys.path.insert(0, str(REPO))
 
 from dspark_plugin.reference.prompts import read_prompts  # noqa: E402
 from harness import processes  # noqa: E402
+from harness.shared_data import DATA  # noqa: E402
 from harness.vllm_serving import VllmServer, acceptance_length  # noqa: E402
 
-# The workplace's prompt sets: beside the checkout (../shared/data), else the usual mount.
-DATA = next((d for d in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data"))
-             if d.is_dir()), Path("/work/shared/data"))
 
 
 def method_of(drafter: Path) -> str:

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from dspark_plugin.sglang import launcher  # noqa: E402
 from harness import processes  # noqa: E402
+from harness.shared_data import DATA  # noqa: E402
 from harness.vllm_testing import smollm2_target  # noqa: E402
 from harness.sglang_serving import free_port, launch, wait_healthy  # noqa: E402
 
@@ -44,7 +45,6 @@ REPO = Path(__file__).resolve().parents[2]
 # The product drafter (a pruned 8k draft vocabulary), as in the README.
 DRAFTER = REPO / "drafters" / "smollm2-135m-dspark-vanilla-b7-v8k"
 SPEC_ARGS = ["--speculative-algorithm", "DSPARK", "--speculative-draft-model-path", str(DRAFTER)]
-DATA = REPO.parent / "shared" / "data"
 NEW_TOKENS = 48
 EOS = 2   # <|im_end|>: SmolLM2-Instruct's end of turn, where SGLang stops a chat answer
 

@@ -18,14 +18,12 @@ from pathlib import Path
 import pytest
 
 from harness import processes  # noqa: E402
+from harness.shared_data import DATA  # noqa: E402
 from harness.vllm_serving import VllmServer
 from harness.vllm_testing import REPO, smollm2_target, vllm_env
 
 pytestmark = pytest.mark.slow
 
-# The workplace's prompt sets: beside the checkout (../shared/data), else the usual mount.
-DATA = next((d for d in (Path(__file__).resolve().parents[3] / "shared" / "data", Path("/work/shared/data"))
-             if d.is_dir()), Path("/work/shared/data"))
 PRODUCT_DRAFTER = REPO / "drafters" / "smollm2-135m-dspark-vanilla-b7-v8k"
 NUM_PROMPTS = 12
 MAX_TOKENS = 64
