@@ -2,7 +2,7 @@
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers), possibly
 more than once per process, so everything here is idempotent and cheap: the drafter class is
-registered lazily by qualified name and the patches (`vllm/patches/`, among them
+registered lazily by qualified name (`drafter_registry.py`: inspected in-process on CPU) and the patches (`vllm/patches/`, among them
 `v1_dspark_method`, which lets Model Runner V1 serve DSpark) install themselves at most once.
 Filtering works the usual way: `VLLM_PLUGINS=dspark` (or a list without it to switch it off).
 """
@@ -38,9 +38,9 @@ def register() -> None:
 
     installed = install_all()  # engine fixes every server on this build needs, and the DSpark method
 
-    from vllm import ModelRegistry
+    from dspark_plugin.vllm.drafter_registry import register_drafter
 
-    ModelRegistry.register_model(DRAFTER_ARCH, DRAFTER_CLASS)
+    inspected = register_drafter(DRAFTER_ARCH, DRAFTER_CLASS)
 
     _state["patched"] = installed["v1_dspark_method"]
     if _state["patched"]:
@@ -49,8 +49,8 @@ def register() -> None:
         runner_patch = "off (DSPARK_DISABLE_PATCHES)"
     else:
         runner_patch = "not needed"
-    logger.info("dspark-plugin: registered %s -> %s on %s %s (V1 runner patch %s)",
-                DRAFTER_ARCH, DRAFTER_CLASS, build.distribution, build.version, runner_patch)
+    logger.info("dspark-plugin: registered %s -> %s on %s %s (inspected %s; V1 runner patch %s)",
+                DRAFTER_ARCH, DRAFTER_CLASS, build.distribution, build.version, inspected, runner_patch)
 
 
 def is_active() -> bool:

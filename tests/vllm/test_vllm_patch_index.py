@@ -155,7 +155,7 @@ def test_every_server_patches_install_at_registration(default_case):
            "v1_dspark_method on, plain_steps_without_drafts on (DSpark runners), " \
            "drafts_with_output on (DSpark runners)" in default_case["log"]
     registered = [line for line in default_case["log"] if line.startswith("dspark-plugin: registered ")]
-    assert len(registered) == 1 and registered[0].endswith("(V1 runner patch installed)")
+    assert len(registered) == 1 and registered[0].endswith("(inspected in-process; V1 runner patch installed)")
 
 
 def test_dspark_only_patches_install_with_the_first_dspark_runner(default_case):
@@ -200,6 +200,6 @@ def test_each_patch_can_be_switched_off_by_name(name):
     if name == "v1_dspark_method":   # DSpark is then not enabled on V1, and nothing is installed for it
         assert got["active"] is False
         assert all(got["after_dspark_runner"][t] is None for n in DSPARK_ONLY for t in targets(n))
-        assert any(line.endswith("(V1 runner patch off (DSPARK_DISABLE_PATCHES))") for line in got["log"])
+        assert any(line.endswith("; V1 runner patch off (DSPARK_DISABLE_PATCHES))") for line in got["log"])
     else:
         assert got["active"] is True

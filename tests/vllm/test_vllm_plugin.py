@@ -211,3 +211,34 @@ def test_fault_injection_spreads_each_kind_evenly_from_the_first_steps():
     assert some.counts == {"raise": 4, "nan": 4, "out_of_range": 4, "stall": 4}
     every = FaultInjector((("raise", 0.5), ("nan", 0.5)))
     assert None not in [every.draw() for _ in range(10)]
+
+
+def test_drafter_class_is_inspected_in_process_on_cpu_and_agrees_with_vllms_subprocess(tmp_path):
+    """`drafter_registry`: on CPU the first inspection of the drafter's class imports it here (about 2 s)
+    instead of in a fresh Python (10-12 s of a cold start); it must give what vLLM's own lazy entry
+    gives, write vLLM's cache file, and read that file the next time."""
+    got = run_vllm_script("""
+        import os, sys
+        from pathlib import Path
+        from dspark_plugin.vllm import plugin
+        from dspark_plugin.vllm.drafter_registry import register_drafter
+        from vllm import ModelRegistry
+        from vllm.model_executor.models.registry import _LazyRegisteredModel
+        from dataclasses import asdict
+        plugin.register()
+        entry = ModelRegistry.models[plugin.DRAFTER_ARCH]
+        before = "dspark_plugin.vllm.model" in sys.modules
+        mine = asdict(entry.inspect_model_cls())
+        after = "dspark_plugin.vllm.model" in sys.modules
+        cached = sorted(p.name for p in (Path(os.environ["VLLM_CACHE_ROOT"]) / "modelinfos").iterdir())
+        again = asdict(entry.inspect_model_cls())
+        os.environ["VLLM_CACHE_ROOT"] = os.environ["VLLM_CACHE_ROOT"] + "-vllm"  # vLLM's entry, cold
+        module, cls = plugin.DRAFTER_CLASS.split(":")
+        theirs = asdict(_LazyRegisteredModel(module, cls).inspect_model_cls())
+        print(json.dumps({"type": type(entry).__name__, "before": before, "after": after, "cached": cached,
+                          "mine": mine, "again": again, "theirs": theirs}, default=str))
+    """, VLLM_CACHE_ROOT=str(tmp_path / "cache"))
+    assert got["type"] == "InProcessLazyModel"
+    assert got["before"] is False and got["after"] is True  # imported here, at the first inspection only
+    assert got["cached"] == ["dspark_plugin-vllm-model-DSparkQwen3ForCausalLM.json"]
+    assert got["mine"] == got["theirs"] == got["again"]
