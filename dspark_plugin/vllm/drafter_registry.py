@@ -18,6 +18,8 @@ in-process on platforms without CUDA.
 """
 from __future__ import annotations
 
+import logging
+
 from vllm.logger import init_logger
 
 logger = init_logger(__name__)
@@ -59,7 +61,16 @@ def _in_process_entry(qualified_class: str):
                 cached = self._load_modelinfo_from_cache(module_hash)
                 if cached is not None:
                     return cached
-            info = _ModelInfo.from_model_cls(self.load_model_cls())
+            # vLLM's interface checks warn about its own base class here ("sets `supports_pp=True`,
+            # but does not accept `intermediate_tensors`"; a drafter never runs pipeline-parallel);
+            # in vLLM's subprocess that line never reached the server log, so it does not here.
+            checks = logging.getLogger("vllm.model_executor.models.interfaces")
+            level = checks.level
+            checks.setLevel(logging.ERROR)
+            try:
+                info = _ModelInfo.from_model_cls(self.load_model_cls())
+            finally:
+                checks.setLevel(level)
             if module_hash is not None:
                 self._save_modelinfo_to_cache(info, module_hash)
             return info
