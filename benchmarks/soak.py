@@ -276,7 +276,8 @@ def memory_growth(memory: list[tuple[float, float]], minutes: float) -> str | No
     def at(t_min: float) -> float | None:
         return next((m for t, m in memory if t >= t_min), None)
 
-    ref, middle, last = at(min(300.0, seconds / 3)), at(seconds / 3), at(2 * seconds / 3)
+    ref_t = min(300.0, seconds / 3)
+    ref, middle, last = at(ref_t), at(seconds / 3), at(2 * seconds / 3)
     if ref is None or middle is None or last is None:
         return None
     end = memory[-1][1]
@@ -284,7 +285,7 @@ def memory_growth(memory: list[tuple[float, float]], minutes: float) -> str | No
         return None
     grew_last, grew_middle = end - last, last - middle
     if grew_last > 0.01 * last and grew_last >= 0.5 * grew_middle:
-        return (f"resident memory grew {ref:.0f} -> {end:.0f} MiB after {min(300.0, seconds / 3):.0f}s (> 10%) "
+        return (f"resident memory grew {ref:.0f} -> {end:.0f} MiB after {ref_t:.0f}s (> 10%) "
                 f"and is not levelling off: +{grew_middle:.0f} MiB in the middle third of the run, "
                 f"+{grew_last:.0f} MiB in the last")
     return None

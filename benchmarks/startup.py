@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,12 +58,6 @@ def time_start(target: Path, spec: dict | None, env: dict[str, str], log: Path) 
     return startup, text
 
 
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
-
-
 def main(argv: list[str] | None = None) -> int:
     processes.install_signal_handlers()  # a killed benchmark stops its servers
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -94,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name, _ in configs:
         rows = [r for r in samples if r["config"] == name]
-        results.append({"config": name, "cold_s": median([r["cold_s"] for r in rows]),
-                        "warm_s": median([r["warm_s"] for r in rows]),
+        results.append({"config": name, "cold_s": statistics.median([r["cold_s"] for r in rows]),
+                        "warm_s": statistics.median([r["warm_s"] for r in rows]),
                         "cold_samples": [r["cold_s"] for r in rows], "warm_samples": [r["warm_s"] for r in rows],
                         "same_output": all(r["same_output"] for r in rows)})
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),

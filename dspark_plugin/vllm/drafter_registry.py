@@ -20,10 +20,6 @@ from __future__ import annotations
 
 import logging
 
-from vllm.logger import init_logger
-
-logger = init_logger(__name__)
-
 
 def register_drafter(arch: str, qualified_class: str) -> str:
     """Registers `qualified_class` ("module:Class") for `arch`; returns how ("in-process" or "lazy")."""

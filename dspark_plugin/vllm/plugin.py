@@ -2,8 +2,9 @@
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers), possibly
 more than once per process, so everything here is idempotent and cheap: the drafter class is
-registered lazily by qualified name (`drafter_registry.py`: inspected in-process on CPU) and the patches (`vllm/patches/`, among them
-`v1_dspark_method`, which lets Model Runner V1 serve DSpark) install themselves at most once.
+registered lazily by qualified name (`drafter_registry.py`: inspected in-process on CPU) and the
+patches (`vllm/patches/`, among them `v1_dspark_method`, which lets Model Runner V1 serve DSpark)
+install themselves at most once.
 Filtering works the usual way: `VLLM_PLUGINS=dspark` (or a list without it to switch it off).
 """
 from __future__ import annotations

@@ -221,7 +221,6 @@ def test_drafter_class_is_inspected_in_process_on_cpu_and_agrees_with_vllms_subp
         import os, sys
         from pathlib import Path
         from dspark_plugin.vllm import plugin
-        from dspark_plugin.vllm.drafter_registry import register_drafter
         from vllm import ModelRegistry
         from vllm.model_executor.models.registry import _LazyRegisteredModel
         from dataclasses import asdict
